@@ -1,0 +1,31 @@
+"""internlm2-jax: the InternLM2 training stack in JAX/Flax.
+
+Public API:
+  load_hf(path) -> (ModelConfig, params)      read an HF InternLM2 checkpoint
+  save_hf(config, params, path)               write one back (original tensor names)
+  save_hf_llama(config, params, path)         export to the HF Llama layout
+  forward(config, params, tokens, *, positions=None, segment_ids=None) -> logits [B, S, V]
+  init_params, prefill, decode_step, init_cache, param_count
+  ModelConfig, get_preset, PRESETS, Tokenizer
+"""
+
+from internlm2_jax.config import PRESETS, ModelConfig, get_preset
+from internlm2_jax.hf_io import CheckpointMismatchError, load_hf, save_hf, save_hf_llama
+from internlm2_jax.model import (
+    abstract_params,
+    decode_step,
+    forward,
+    hidden_states,
+    init_cache,
+    init_params,
+    param_count,
+    prefill,
+)
+from internlm2_jax.tokenizer import Tokenizer
+
+__all__ = [
+    "PRESETS", "ModelConfig", "get_preset", "CheckpointMismatchError", "load_hf", "save_hf", "save_hf_llama",
+    "abstract_params", "decode_step", "forward", "hidden_states", "init_cache", "init_params", "param_count",
+    "prefill", "Tokenizer",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,81 @@
+"""InternLM2 attention with the fused, group-interleaved `wqkv` projection."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from internlm2_jax.config import ModelConfig
+from internlm2_jax.layers import attention_core
+from internlm2_jax.layers.params import constrain, logical_param
+from internlm2_jax.layers.rope import apply_rope
+
+KVCache = tuple[jax.Array, jax.Array]  # (k, v), each [batch, max_len, kv_heads, head_dim]
+
+
+def write_cache(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """Writes `new [batch, s, kv, d]` into `cache [batch, T, kv, d]` at per-row offsets `starts [batch]`."""
+    def one(c, n, s):
+        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0))
+    return jax.vmap(one)(cache, new, starts)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA.
+
+    `wqkv` has shape `[embed, kv_heads, G + 2, head_dim]`: per kv group, G query heads then the
+    key head then the value head (HF rows reshaped `(kv_heads, G + 2, head_dim)`), so tensor
+    parallelism over `kv_heads` keeps whole groups together. `wo` is `[heads, head_dim, embed]`.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        segment_ids: Optional[jax.Array],
+        cache: Optional[KVCache] = None,
+        cache_starts: Optional[jax.Array] = None,
+    ) -> tuple[jax.Array, Optional[KVCache]]:
+        """`x [batch, seq, embed]` → (`[batch, seq, embed]`, updated cache or None).
+
+        With a cache, the `seq` new tokens of row b are written at `cache_starts[b]` and attend to
+        every cached slot `< cache_starts[b] + seq` causally.
+        """
+        cfg = self.config
+        kvh, g, hd, d = cfg.num_key_value_heads, cfg.num_groups, cfg.dim_per_head, cfg.hidden_size
+        dt = cfg.compute_dtype
+        init = nn.initializers.normal(cfg.initializer_range)
+        wqkv = logical_param(self, "wqkv", init, (d, kvh, g + 2, hd),
+                             ("embed", "kv_heads", "qkv_group", "head_dim"), cfg.weight_dtype)
+        qkv = jnp.einsum("bsd,dkgh->bskgh", x.astype(dt), wqkv.astype(dt))
+        qkv = checkpoint_name(qkv, "qkv")
+        b, s = x.shape[:2]
+        q = qkv[:, :, :, :g, :].reshape(b, s, kvh * g, hd)
+        k, v = qkv[:, :, :, g, :], qkv[:, :, :, g + 1, :]
+        q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", None))
+        k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", None))
+        v = constrain(v, ("batch", "length", "kv_heads", None))
+
+        if cache is None:
+            out = attention_core.attention(q, k, v, segment_ids=segment_ids, causal=True,
+                                           impl=cfg.attention_impl)
+            new_cache = None
+        else:
+            k_cache = write_cache(cache[0], k, cache_starts)
+            v_cache = write_cache(cache[1], v, cache_starts)
+            mask = attention_core.make_attention_mask(
+                s, k_cache.shape[1], causal=True, q_offset=cache_starts, kv_lengths=cache_starts + s)
+            out = attention_core.xla_attention(q, k_cache.astype(dt), v_cache.astype(dt), mask)
+            new_cache = (k_cache, v_cache)
+        out = checkpoint_name(out, "attn")
+        wo = logical_param(self, "wo", init, (kvh * g, hd, d), ("heads", "head_dim", "embed"), cfg.weight_dtype)
+        y = jnp.einsum("bshd,hde->bse", out, wo.astype(dt))
+        return checkpoint_name(y, "attn_out"), new_cache

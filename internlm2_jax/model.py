@@ -1,0 +1,216 @@
+"""The InternLM2 decoder and its pure-functional API (init, forward, prefill, decode_step)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from internlm2_jax.config import ModelConfig
+from internlm2_jax.layers.attention import Attention
+from internlm2_jax.layers.mlp import FeedForward
+from internlm2_jax.layers.norms import RMSNorm
+from internlm2_jax.layers.params import constrain, logical_param
+from internlm2_jax.layers.rope import rope_cos_sin
+
+Params = Any  # nested dict whose leaves are `nn.LogicallyPartitioned` (or plain arrays)
+Cache = dict[str, jax.Array]  # {"k", "v": [layers, batch, max_len, kv_heads, head_dim], "lengths": [batch]}
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_attn": jax.checkpoint_policies.save_only_these_names("qkv", "attn"),
+    "save_qkv_attn_mlp": jax.checkpoint_policies.save_only_these_names(
+        "qkv", "attn", "attn_out", "mlp_gate", "mlp_up", "mlp_out"),
+}
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: `h = x + attn(attention_norm(x))`; `out = h + ffn(ffn_norm(h))`."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids, cache, cache_starts):
+        cfg = self.config
+        norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        attn, new_cache = Attention(cfg, name="attention")(
+            RMSNorm(**norm, name="attention_norm")(x), cos, sin, segment_ids, cache, cache_starts)
+        h = x + attn
+        out = h + FeedForward(cfg, name="feed_forward")(RMSNorm(**norm, name="ffn_norm")(h))
+        return constrain(out, ("batch", "length", "embed")), new_cache
+
+
+class InternLM2(nn.Module):
+    """InternLM2 causal LM: `tokens [batch, seq]` → logits `[batch, seq, vocab]` (fp32)."""
+
+    config: ModelConfig
+
+    def _block_stack(self):
+        cfg = self.config
+        block = DecoderBlock
+        if cfg.remat_policy != "none":
+            block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+        return block
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: Optional[jax.Array] = None,
+        segment_ids: Optional[jax.Array] = None,
+        cache: Optional[Cache] = None,
+        head: bool = True,
+    ):
+        """Runs the decoder.
+
+        Args:
+          tokens: int `[batch, seq]`.
+          positions: int `[batch, seq]`; default `arange(seq)` (or the cache lengths onward).
+          segment_ids: int `[batch, seq]`; documents with different ids never attend to each other.
+          cache: from `init_cache`; the new tokens are appended at `cache["lengths"]`.
+          head: False returns the final-normed hidden states `[batch, seq, embed]` instead of logits.
+        Returns:
+          logits `[batch, seq, vocab]` fp32 (or hidden states), and the updated cache when given one.
+        """
+        cfg = self.config
+        chex.assert_rank(tokens, 2)
+        b, s = tokens.shape
+        starts = None if cache is None else cache["lengths"]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
+            if starts is not None:
+                positions = positions + starts[:, None]
+        chex.assert_equal_shape([tokens, positions])
+        if segment_ids is not None:
+            chex.assert_equal_shape([tokens, segment_ids])
+        cos, sin = rope_cos_sin(cfg, positions)
+
+        embedding = logical_param(self, "tok_embeddings", nn.initializers.normal(cfg.initializer_range),
+                                  (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.weight_dtype)
+        x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+
+        block = self._block_stack()
+        kv = None if cache is None else (cache["k"], cache["v"])
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0 if kv is not None else nn.broadcast,
+                         nn.broadcast),
+                length=cfg.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+            x, new_kv = stack(x, cos, sin, segment_ids, kv, starts)
+        else:
+            outs = []
+            for i in range(cfg.num_hidden_layers):
+                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+                x, layer_new = block(cfg, name=f"layers_{i}")(x, cos, sin, segment_ids, layer_kv, starts)
+                outs.append(layer_new)
+            new_kv = None if kv is None else tuple(jnp.stack(t) for t in zip(*outs))
+
+        x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="norm")(x)
+        if head:
+            kernel = logical_param(self, "output", nn.initializers.normal(cfg.initializer_range),
+                                   (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.weight_dtype)
+            x = jnp.einsum("bsd,dv->bsv", x, kernel.astype(cfg.compute_dtype),
+                           preferred_element_type=jnp.float32)
+            x = constrain(x, ("batch", "length", "vocab"))
+        if cache is None:
+            return x
+        return x, {"k": new_kv[0], "v": new_kv[1], "lengths": cache["lengths"] + s}
+
+
+# ---- pure-functional API ---------------------------------------------------------------------------
+
+def _wrap(params: Params) -> dict:
+    return {"params": params}
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+    """Freshly initialised params (leaves are `nn.LogicallyPartitioned` with logical axis names)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return InternLM2(config).init(rng, tokens)["params"]
+
+
+def abstract_params(config: ModelConfig) -> Params:
+    """`jax.ShapeDtypeStruct` tree of the params (no allocation), with logical axis metadata."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def param_count(config: ModelConfig) -> int:
+    """Total number of parameters, computed from shapes only."""
+    leaves = jax.tree.leaves(nn.meta.unbox(abstract_params(config)))
+    return int(sum(np.prod(x.shape) for x in leaves))
+
+
+def logical_axes(params: Params) -> Any:
+    """Tree of logical axis-name tuples matching `params` (unboxed leaves)."""
+    return nn.get_partition_spec(params)
+
+
+def forward(
+    config: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    *,
+    positions: Optional[jax.Array] = None,
+    segment_ids: Optional[jax.Array] = None,
+) -> jax.Array:
+    """Logits `[batch, seq, vocab]` (fp32) for `tokens [batch, seq]`."""
+    return InternLM2(config).apply(_wrap(params), tokens, positions, segment_ids)
+
+
+def hidden_states(
+    config: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    *,
+    positions: Optional[jax.Array] = None,
+    segment_ids: Optional[jax.Array] = None,
+) -> jax.Array:
+    """Final-normed hidden states `[batch, seq, embed]` (before the output head)."""
+    return InternLM2(config).apply(_wrap(params), tokens, positions, segment_ids, head=False)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
+    """Empty fixed-size KV cache: k/v `[layers, batch, max_len, kv_heads, head_dim]`, lengths `[batch]`."""
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.dim_per_head)
+    dt = config.compute_dtype if dtype is None else dtype
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "lengths": jnp.zeros((batch,), jnp.int32)}
+
+
+def prefill(
+    config: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    *,
+    max_len: int,
+    lengths: Optional[jax.Array] = None,
+) -> tuple[jax.Array, Cache]:
+    """Runs right-padded prompts `tokens [batch, seq]` and fills a fresh cache of `max_len` slots.
+
+    `lengths [batch]` are the true prompt lengths (default: all `seq`); the cache continues from
+    there, so padding slots are overwritten by later decode steps. Returns logits `[batch, seq, vocab]`.
+    """
+    b, s = tokens.shape
+    if s > max_len:
+        raise ValueError(f"prompt length {s} exceeds cache size max_len={max_len}")
+    cache = init_cache(config, b, max_len)
+    logits, cache = InternLM2(config).apply(_wrap(params), tokens, None, None, cache)
+    if lengths is not None:
+        cache = {**cache, "lengths": jnp.asarray(lengths, jnp.int32)}
+    return logits, cache
+
+
+def decode_step(config: ModelConfig, params: Params, cache: Cache, tokens: jax.Array) -> tuple[jax.Array, Cache]:
+    """One token per row: `tokens [batch]` at position `cache["lengths"]` → logits `[batch, vocab]`."""
+    logits, cache = InternLM2(config).apply(_wrap(params), tokens[:, None], None, None, cache)
+    return logits[:, 0], cache
