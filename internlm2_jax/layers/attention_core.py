@@ -1,0 +1,144 @@
+"""Attention math shared by the model, the kernels' tests and the benchmarks.
+
+Layouts: queries `[batch, q_len, heads, head_dim]` with query head `h` belonging to kv head
+`h // G` (InternLM2's grouping), keys/values `[batch, kv_len, kv_heads, head_dim]`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from internlm2_jax.layers.attention_sharded import sharded_flash_attention
+
+NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def make_attention_mask(
+    q_len: int,
+    kv_len: int,
+    *,
+    q_segment_ids: Optional[jax.Array] = None,
+    kv_segment_ids: Optional[jax.Array] = None,
+    causal: bool = True,
+    q_offset: Optional[jax.Array] = None,
+    kv_lengths: Optional[jax.Array] = None,
+) -> jax.Array:
+    """Boolean mask `[batch|1, q_len, kv_len]`, True where a query may attend a key.
+
+    Causality compares sequence indices: query `i` sits at kv index `q_offset + i`
+    (`q_offset` `[batch]`, default 0). `kv_lengths` `[batch]` masks cache slots `>= length`.
+    Segment ids `[batch, len]` keep packed documents apart.
+    """
+    mask = jnp.ones((1, q_len, kv_len), dtype=bool)
+    if causal:
+        qi = jnp.arange(q_len)[None, :, None]
+        if q_offset is not None:
+            qi = qi + q_offset[:, None, None]
+        mask = mask & (qi >= jnp.arange(kv_len)[None, None, :])
+    if q_segment_ids is not None:
+        kv_seg = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+        mask = mask & (q_segment_ids[:, :, None] == kv_seg[:, None, :])
+    if kv_lengths is not None:
+        mask = mask & (jnp.arange(kv_len)[None, None, :] < kv_lengths[:, None, None])
+    return mask
+
+
+def xla_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: Optional[jax.Array],
+    *,
+    scale: Optional[float] = None,
+) -> jax.Array:
+    """Reference softmax attention with GQA, no repeated K/V.
+
+    Args:
+      q: `[batch, q_len, heads, head_dim]`.
+      k, v: `[batch, kv_len, kv_heads, head_dim]`.
+      mask: bool `[batch|1, q_len, kv_len]` or None.
+    Returns:
+      `[batch, q_len, heads, head_dim]` in `q.dtype`; softmax in fp32.
+    """
+    b, s, h, d = q.shape
+    kvh = k.shape[2]
+    chex.assert_rank([q, k, v], 4)
+    chex.assert_equal_shape([k, v])
+    if h % kvh:
+        raise ValueError(f"query heads {h} not a multiple of kv heads {kvh}")
+    scale = d**-0.5 if scale is None else scale
+    qg = q.reshape(b, s, kvh, h // kvh, d)
+    logits = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqt,btkd->bqkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, s, h, d).astype(q.dtype)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: Optional[jax.Array] = None,
+    causal: bool = True,
+    impl: str = "xla",
+    scale: Optional[float] = None,
+) -> jax.Array:
+    """Self-attention over one packed sequence batch (training / prefill path).
+
+    Args:
+      q: `[batch, seq, heads, head_dim]`; k, v: `[batch, seq, kv_heads, head_dim]`.
+      segment_ids: `[batch, seq]` int; tokens attend only within their segment.
+      impl: `"xla"`, `"pallas"`, `"cudnn"` or `"auto"` (see `ModelConfig.attention_impl`).
+    Returns:
+      `[batch, seq, heads, head_dim]`.
+    """
+    if impl == "auto":
+        impl = "xla" if jax.default_backend() == "cpu" else "pallas"
+    if impl == "xla":
+        mask = make_attention_mask(q.shape[1], k.shape[1], q_segment_ids=segment_ids, causal=causal)
+        return xla_attention(q, k, v, mask, scale=scale)
+    if impl == "pallas":
+        # Pallas flash kernels; on CPU they run in interpret mode (slow, for tests only).
+        # Under a mesh the kernel runs per shard (batch over data/fsdp, heads over tensor).
+        return sharded_flash_attention(q, k, v, segment_ids=segment_ids, causal=causal, scale=scale)
+    if impl == "cudnn":
+        return _cudnn_attention(q, k, v, segment_ids=segment_ids, causal=causal, scale=scale)
+    raise ValueError(f"unknown attention_impl {impl!r}; expected xla, pallas, cudnn or auto")
+
+
+def _cudnn_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: Optional[jax.Array],
+    causal: bool,
+    scale: Optional[float],
+) -> jax.Array:
+    """`jax.nn.dot_product_attention(implementation="cudnn")`, checking its constraints first.
+
+    Segment ids become a boolean mask `[B, 1, S, S]` (cuDNN applies it as a bias; this
+    materialises O(S^2) per batch row, so prefer "pallas" for long packed sequences).
+    """
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"attention_impl='cudnn' needs a GPU backend, got {jax.default_backend()!r}")
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"attention_impl='cudnn' needs bf16/fp16 q/k/v of one dtype, got {q.dtype}/{k.dtype}/{v.dtype}"
+        )
+    d = q.shape[-1]
+    if d > 128 or d % 8:
+        raise ValueError(f"attention_impl='cudnn' needs head_dim <= 128 and a multiple of 8, got {d}")
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
+    )
