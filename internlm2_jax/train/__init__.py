@@ -1,0 +1,1 @@
+"""Training core: loss, optimizer, sharded train state and the jitted train step."""
