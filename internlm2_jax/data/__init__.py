@@ -1,0 +1,15 @@
+"""The InternLM2 report's pretraining data pipeline (issue 6).
+
+Modules (imported lazily; import the one you need):
+  records            record format, language/type heuristics
+  normalize          JSONL / text folder / code repository / TFDS readers (bad input counted)
+  filters            Gopher-style rule filters (CJK-aware)
+  dedup              MinHash-LSH: near_duplicate_clusters(texts, *, threshold=0.7, num_perm=128, ngram=5, seed=0)
+  safety             domain/word blocklists, TextClassifier protocol, HashedNgramLogReg
+  quality            NgramLM, PerplexityScorer, QualityFilter, model_logprob_fn (InternLM2 adapter)
+  longtext           >= 32 KB texts: statistics + P(S2|S1) vs P(S2) coherence filter
+  code, code_deps    markdown format, indent-insensitive dedup, tiers, dependency sorting
+  writers            ArrayRecord/JSONL shards (Grain-readable)
+  pipeline           single-process chain + stats; beam_pipeline: the same as Beam transforms
+  tokenizer_training InternLM2-style sentencepiece BPE training
+"""

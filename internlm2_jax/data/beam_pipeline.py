@@ -1,0 +1,209 @@
+"""The pipeline as Apache Beam transforms (DirectRunner locally; Dataflow/Flink/Spark at scale).
+
+Same stages and decisions as :mod:`.pipeline` (the output is identical, see the tests):
+
+* read: one element per input file / repository / TFDS spec; bad input is counted per element and
+  the counters are merged;
+* rules and all post-dedup stages: per-record ``DoFn``s (the :class:`~.pipeline.Stages` are built
+  once per worker in ``setup``);
+* MinHash dedup: per-record signature -> band keys -> ``GroupByKey((band, key))`` -> edges from
+  the smallest id of each bucket to the others (verified on the signature estimate like the
+  local run) -> connected components by union-find on a single
+  worker over the (small) edge list and id list -> ``GroupByKey(cluster)`` -> keep the most
+  recent record; code files are grouped by their indent-insensitive key;
+* code documents: ``GroupByKey(repository)`` -> dependency sort + packing;
+* write: the final collections are gathered on one worker and written sorted, exactly like the
+  local run (fine for the sizes this repo targets; a sharded sink is the next step for web scale).
+
+Records must have unique ids (the join key).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pathlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from . import code, dedup, pipeline
+from .records import Record
+from .stats import BadInput
+
+_BAD = "bad_input"
+
+
+def _expand_spec(spec: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """One spec per JSONL file, so files are read in parallel (missing patterns still reported)."""
+    import glob
+
+    spec = dict(spec)
+    if spec["kind"] != "jsonl":
+        yield spec
+        return
+    for pat in spec["paths"]:
+        matched = sorted(glob.glob(str(pat), recursive=True))
+        for path in matched or [str(pat)]:
+            yield {**spec, "paths": [path]}
+
+
+class _Read(beam.DoFn):
+    def process(self, spec: dict[str, Any]) -> Iterator[Any]:
+        bad = BadInput()
+        for rec in pipeline.read_sources([spec], bad):
+            yield rec
+        yield beam.pvalue.TaggedOutput(_BAD, bad.to_dict(full=True))
+
+
+class _Rules(beam.DoFn):
+    def __init__(self, cfg: pipeline.PipelineConfig):
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        self.stages = pipeline.Stages(self.cfg)
+
+    def process(self, rec: Record) -> Iterator[Any]:
+        rec = copy.deepcopy(rec)
+        reason = self.stages.rules(rec)
+        if reason:
+            yield beam.pvalue.TaggedOutput("dropped", pipeline._drop(rec, "rules", reason))
+        else:
+            yield rec
+
+
+class _BandKeys(beam.DoFn):
+    def __init__(self, cfg: pipeline.PipelineConfig):
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        c = self.cfg
+        self.dd = dedup.StreamingDeduper(threshold=c.dedup_threshold, num_perm=c.num_perm, ngram=c.ngram,
+                                         seed=c.seed, verify_margin=c.dedup_verify_margin)
+
+    def process(self, rec: Record) -> Iterator[tuple[tuple[int, int], tuple[str, bytes]]]:
+        x, counts = dedup.batch_shingle_hashes([rec["text"]], self.dd.ngram)
+        if counts[0] == 0:
+            return
+        sig = self.dd.hasher.signatures_flat(x, counts)
+        keys = dedup.band_keys(sig, self.dd.bands, self.dd.rows)[0]
+        sig_bytes = sig[0].tobytes() if self.dd.min_estimate is not None else b""
+        for band, key in enumerate(keys.tolist()):
+            yield (band, key), (rec["id"], sig_bytes)
+
+
+def _bucket_edges(kv: tuple[Any, Sequence[tuple[str, bytes]]], min_estimate: float | None) -> Iterator[tuple[str, str]]:
+    """Edges from the bucket's smallest id to the others (signature-verified when configured)."""
+    members = sorted(dict(kv[1]).items())
+    rep, rep_sig = members[0]
+    for other, sig in members[1:]:
+        if min_estimate is not None:
+            a, b = np.frombuffer(rep_sig, np.uint32), np.frombuffer(sig, np.uint32)
+            if (a == b).mean() < min_estimate:
+                continue
+        yield rep, other
+
+
+def _components(_: Any, ids: Sequence[str], edges: Sequence[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    """Single-worker union-find: (id, cluster representative id)."""
+    order = sorted(ids)
+    index = {k: i for i, k in enumerate(order)}
+    roots = dedup.components(len(order), [(index[a], index[b]) for a, b in edges])
+    for k, r in zip(order, roots):
+        yield k, order[r]
+
+
+def _choose(kv: tuple[Any, Sequence[Record]]) -> Iterator[Any]:
+    members = list(kv[1])
+    keep = pipeline.choose_keep(members)
+    yield beam.pvalue.TaggedOutput("size", len(members))
+    for r in members:
+        if r["id"] == keep["id"]:
+            yield r
+        else:
+            reason = "near_duplicate" if r["type"] != "code" else "code_duplicate"
+            yield beam.pvalue.TaggedOutput("dropped", pipeline._drop(copy.deepcopy(r), "dedup", reason))
+
+
+class _PostDedup(beam.DoFn):
+    def __init__(self, cfg: pipeline.PipelineConfig):
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        self.stages = pipeline.Stages(self.cfg)
+
+    def process(self, rec: Record) -> Iterator[Any]:
+        rec = copy.deepcopy(rec)
+        res = self.stages.post_dedup(rec)
+        if res:
+            yield beam.pvalue.TaggedOutput("dropped", pipeline._drop(rec, *res))
+        elif rec["type"] == "code":
+            yield beam.pvalue.TaggedOutput("code", rec)
+        else:
+            yield rec
+
+
+def _finalize(_: Any, workdir: str, cfg: pipeline.PipelineConfig, n_input: int, text: list, code_docs: list,
+              dropped: list, bad_parts: list, sizes: list) -> Iterator[str]:
+    bad = BadInput()
+    for part in bad_parts:
+        bad.merge(part)
+    hist: dict[int, int] = {}
+    for s in sizes:
+        hist[s] = hist.get(s, 0) + 1
+    outputs = {"text": sorted(text, key=lambda r: r["id"]), "code": sorted(code_docs, key=lambda r: r["id"])}
+    stats = pipeline.summarize(n_input, sorted(dropped, key=lambda r: r["id"]), outputs, bad.to_dict(),
+                               {str(k): v for k, v in sorted(hist.items())})
+    pipeline.write_outputs(workdir, outputs, sorted(dropped, key=lambda r: r["id"]), stats, cfg.records_per_shard)
+    yield workdir
+
+
+def build(p: beam.Pipeline, specs: Sequence[Mapping[str, Any]], workdir: str, cfg: pipeline.PipelineConfig) -> None:
+    """Add the whole chain to pipeline ``p``; outputs and ``stats.json`` land in ``workdir``."""
+    read = (p | "Specs" >> beam.Create([dict(s) for s in specs]) | "Expand" >> beam.FlatMap(_expand_spec)
+            | "Read" >> beam.ParDo(_Read()).with_outputs(_BAD, main="records"))
+    records = read.records
+    n_input = records | "CountInput" >> beam.combiners.Count.Globally()
+    ruled = records | "Rules" >> beam.ParDo(_Rules(cfg)).with_outputs("dropped", main="kept")
+    kept = ruled.kept
+    texts = kept | "Texts" >> beam.Filter(lambda r: r["type"] != "code")
+    codes = kept | "Codes" >> beam.Filter(lambda r: r["type"] == "code")
+
+    edges = (texts | "BandKeys" >> beam.ParDo(_BandKeys(cfg)) | "Buckets" >> beam.GroupByKey()
+             | "Edges" >> beam.FlatMap(_bucket_edges, None if cfg.dedup_verify_margin is None
+                                       else cfg.dedup_threshold - cfg.dedup_verify_margin))
+    ids = texts | "Ids" >> beam.Map(lambda r: r["id"])
+    clusters = (p | "One" >> beam.Create([None])
+                | "UnionFind" >> beam.FlatMap(_components, beam.pvalue.AsList(ids), beam.pvalue.AsList(edges)))
+    text_by_cluster = (
+        {"rec": texts | "KeyText" >> beam.Map(lambda r: (r["id"], r)), "cluster": clusters}
+        | "Join" >> beam.CoGroupByKey()
+        | "ByCluster" >> beam.Map(lambda kv: (("t", kv[1]["cluster"][0]), kv[1]["rec"][0])))
+    code_by_key = codes | "ByCodeKey" >> beam.Map(lambda r: (("c", code.dedup_key(r["text"])), r))
+    chosen = ((text_by_cluster, code_by_key) | "AllGroups" >> beam.Flatten() | "Group" >> beam.GroupByKey()
+              | "Choose" >> beam.FlatMap(_choose).with_outputs("dropped", "size", main="kept"))
+    post = chosen.kept | "PostDedup" >> beam.ParDo(_PostDedup(cfg)).with_outputs("dropped", "code", main="text")
+    code_docs = (post.code
+                 | "ByRepo" >> beam.Map(lambda r: (f"{r['source']}/{r['meta'].get('repo', '')}", r))
+                 | "Repos" >> beam.GroupByKey()
+                 | "Pack" >> beam.FlatMap(lambda kv: pipeline.code_documents(list(kv[1]), cfg.code_context_chars)))
+    dropped = (ruled.dropped, chosen.dropped, post.dropped) | "AllDropped" >> beam.Flatten()
+    _ = (p | "Final" >> beam.Create([None])
+         | "Write" >> beam.FlatMap(
+             _finalize, str(workdir), cfg, beam.pvalue.AsSingleton(n_input), beam.pvalue.AsList(post.text),
+             beam.pvalue.AsList(code_docs), beam.pvalue.AsList(dropped), beam.pvalue.AsList(read[_BAD]),
+             beam.pvalue.AsList(chosen.size)))
+
+
+def run_beam(specs: Sequence[Mapping[str, Any]], workdir: str | pathlib.Path, cfg: pipeline.PipelineConfig,
+             *, runner: str = "DirectRunner", options: Sequence[str] = ()) -> dict[str, Any]:
+    """Run on ``runner`` (e.g. DirectRunner, DataflowRunner, FlinkRunner, SparkRunner) and return
+    the stats report (read back from ``{workdir}/stats.json``, which must be on a shared path)."""
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    opts = PipelineOptions([f"--runner={runner}", *options])
+    with beam.Pipeline(options=opts) as p:
+        build(p, specs, str(workdir), cfg)
+    return json.loads((pathlib.Path(workdir) / "stats.json").read_text(encoding="utf-8"))

@@ -1,0 +1,243 @@
+"""The single-process data pipeline (the Beam version in :mod:`.beam_pipeline` gives equal output).
+
+Stages, in order; a dropped record gets ``meta['dropped_by'] = '<stage>/<reason>'``:
+
+1. ``rules``     -- :func:`.filters.apply_rules` (Gopher-style; code rules for code)
+2. ``dedup``     -- text: MinHash-LSH clusters, keep the most recent (ties: smallest id);
+                    code: indent-insensitive exact duplicates, same choice rule
+3. ``safety``    -- domain blocklist, word lists, optional classifier
+4. ``quality``   -- perplexity scorer with per-type thresholds (optional)
+5. ``longtext``  -- statistics + coherence filter for texts >= 32 KB
+6. ``code_tiers``-- code quality tiers (low dropped; high repeated)
+Then code files are grouped per repository, dependency-sorted and packed into documents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import pathlib
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from . import code, code_deps, dedup, filters, longtext, normalize, quality, safety
+from .records import Record, make_record
+from .stats import BadInput, approx_tokens
+from .writers import write_shards
+
+STAGES = ("rules", "dedup", "safety", "quality", "longtext", "code_tiers")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Every knob of the pipeline (gin-bindable through ``experiments/prepare_data.py``)."""
+
+    rules: filters.RuleConfig = filters.RuleConfig()
+    dedup_threshold: float = 0.7
+    num_perm: int = 128
+    ngram: int = 5
+    seed: int = 0
+    dedup_verify_margin: float | None = 0.1
+    blocked_domains: tuple[str, ...] = ()
+    blocked_words: tuple[str, ...] = ()
+    min_word_hits: int = 2
+    safety_classifier: str | None = None  # path of a saved HashedNgramLogReg (.npz)
+    safety_threshold: float = 0.5
+    quality_reference: tuple[str, ...] = ()  # texts to fit the word n-gram LM; empty = stage off
+    quality_thresholds: tuple[tuple[str, float], ...] = ()
+    long_min_bytes: int = longtext.LONG_TEXT_BYTES
+    long_margins: tuple[tuple[str, float], ...] = tuple(longtext.DEFAULT_MARGINS.items())
+    long_num_splits: int = 16
+    long_context_chars: int = 1000
+    long_target_chars: int = 800
+    code_high: float = 0.8
+    code_low: float = 0.4
+    code_high_repeats: int = 2
+    code_context_chars: int = 32_768
+    records_per_shard: int = 10_000
+
+
+class Stages:
+    """The per-record stages built once from a config (shared by both runners)."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        clf = safety.HashedNgramLogReg.load(cfg.safety_classifier) if cfg.safety_classifier else None
+        self.safety = safety.SafetyFilter(cfg.blocked_domains, cfg.blocked_words,
+                                          min_word_hits=cfg.min_word_hits, classifier=clf,
+                                          classifier_threshold=cfg.safety_threshold)
+        self.quality = None
+        if cfg.quality_reference:
+            lm = quality.NgramLM(order=3).fit(quality.word_encode(t) for t in cfg.quality_reference)
+            self.quality = quality.QualityFilter(quality.PerplexityScorer(lm, quality.word_encode),
+                                                 dict(cfg.quality_thresholds))
+        self.longtext = longtext.LongTextFilter(
+            quality.NgramLM(order=2, cache_weight=0.5, cache_order=2), quality.word_encode,
+            margins=dict(cfg.long_margins), min_bytes=cfg.long_min_bytes,
+            num_splits=cfg.long_num_splits, context_chars=cfg.long_context_chars,
+            target_chars=cfg.long_target_chars)
+
+    def rules(self, rec: Record) -> str | None:
+        return filters.apply_rules(rec, self.cfg.rules)
+
+    def post_dedup(self, rec: Record) -> tuple[str, str] | None:
+        """(stage, reason) of the first post-dedup stage that drops ``rec``; mutates ``meta``."""
+        if rec["type"] == "code":
+            r = code.assign_tiers([rec], high=self.cfg.code_high, low=self.cfg.code_low,
+                                  high_repeats=self.cfg.code_high_repeats)[0]
+            return ("code_tiers", r) if r else None
+        r = self.safety.reasons([rec])[0]
+        if r:
+            return ("safety", r)
+        if self.quality is not None:
+            r = self.quality.reasons([rec])[0]
+            if r:
+                return ("quality", r)
+        r = self.longtext.reason(rec)
+        return ("longtext", r) if r else None
+
+
+def read_sources(specs: Sequence[Mapping[str, Any]], bad: BadInput) -> Iterator[Record]:
+    """Records of every source spec: ``{'kind': 'jsonl'|'text_dir'|'code_repo'|'tfds', ...}``."""
+    for spec in specs:
+        spec = dict(spec)
+        kind, source = spec.pop("kind"), spec.pop("source", None)
+        if kind == "jsonl":
+            paths = []
+            for pat in spec.pop("paths"):
+                matched = sorted(glob.glob(str(pat), recursive=True))
+                if not matched:
+                    bad.add("no_files_matched", str(pat))
+                paths += matched
+            yield from normalize.read_jsonl(paths, source or "jsonl", bad, **spec)
+        elif kind == "text_dir":
+            yield from normalize.read_text_dir(spec.pop("root"), source or "text", bad, **spec)
+        elif kind == "code_repo":
+            yield from normalize.read_code_repo(spec.pop("root"), source or "code", bad, **spec)
+        elif kind == "tfds":
+            yield from normalize.read_tfds(spec.pop("name"), source or "tfds", bad, **spec)
+        else:
+            raise ValueError(f"unknown source kind {kind!r}; expected jsonl, text_dir, code_repo or tfds")
+
+
+def _drop(rec: Record, stage: str, reason: str) -> Record:
+    rec.setdefault("meta", {})["dropped_by"] = f"{stage}/{reason}"
+    return rec
+
+
+def choose_keep(members: Iterable[Record]) -> Record:
+    """The most recent record (ISO timestamps; None oldest), ties broken by the smallest id."""
+    return min(members, key=lambda r: (-_ts_rank(r.get("timestamp")), r["id"]))
+
+
+def _ts_rank(ts: str | None) -> float:
+    if not ts:
+        return float("-inf")
+    digits = "".join(c for c in str(ts) if c.isdigit())[:14].ljust(14, "0")
+    return float(digits)
+
+
+def dedup_records(records: list[Record], cfg: PipelineConfig) -> tuple[list[Record], list[Record], dict[str, int]]:
+    """(kept, dropped, cluster-size histogram) over texts (MinHash) and code (exact key)."""
+    texts = sorted((r for r in records if r["type"] != "code"), key=lambda r: r["id"])  # star centers = smallest id, as in Beam
+    codes = [r for r in records if r["type"] == "code"]
+    cid = dedup.near_duplicate_clusters([r["text"] for r in texts], threshold=cfg.dedup_threshold,
+                                        num_perm=cfg.num_perm, ngram=cfg.ngram, seed=cfg.seed,
+                                        verify_margin=cfg.dedup_verify_margin)
+    groups: dict[Any, list[Record]] = {}
+    for r, c in zip(texts, cid):
+        groups.setdefault(("t", c), []).append(r)
+    for r in codes:
+        groups.setdefault(("c", code.dedup_key(r["text"])), []).append(r)
+    kept, dropped = [], []
+    for members in groups.values():
+        keep = choose_keep(members)
+        for r in members:
+            if r is keep:
+                kept.append(r)
+            else:
+                dropped.append(_drop(r, "dedup", "near_duplicate" if r["type"] != "code" else "code_duplicate"))
+    hist = Counter(len(m) for m in groups.values())
+    return kept, dropped, {str(k): v for k, v in sorted(hist.items())}
+
+
+def code_documents(code_records: list[Record], max_chars: int) -> list[Record]:
+    """One or more dependency-sorted markdown documents per repository."""
+    by_repo: dict[str, list[Record]] = {}
+    for r in code_records:
+        by_repo.setdefault(f"{r['source']}/{r['meta'].get('repo', '')}", []).append(r)
+    out = []
+    for repo in sorted(by_repo):
+        members = sorted(by_repo[repo], key=lambda r: r["id"])
+        ts = max((r["timestamp"] or "" for r in members), default="") or None
+        for k, text in enumerate(code_deps.repository_documents(members, max_chars)):
+            out.append(make_record(f"{repo}#{k:05d}", text, members[0]["source"], lang="code", type="code",
+                                   timestamp=ts, meta={"repo": members[0]["meta"].get("repo"),
+                                                       "files": len(members)}))
+    return out
+
+
+def summarize(n_input: int, dropped: Sequence[Record], outputs: Mapping[str, Sequence[Record]],
+              bad: Mapping[str, Any], cluster_hist: Mapping[str, int]) -> dict[str, Any]:
+    """Stats report: per-stage seen/kept/dropped-by-reason, output char/token counts, bad input."""
+    by_stage: dict[str, Counter[str]] = {s: Counter() for s in STAGES}
+    for r in dropped:
+        stage, reason = r["meta"]["dropped_by"].split("/", 1)
+        by_stage[stage][reason] += 1
+    stages, seen = {}, n_input
+    for s in STAGES:
+        d = sum(by_stage[s].values())
+        stages[s] = {"seen": seen, "kept": seen - d, "dropped": dict(sorted(by_stage[s].items()))}
+        seen -= d
+    stages["dedup"]["cluster_size_histogram"] = dict(cluster_hist)
+    out = {name: {"records": len(rs), "chars": sum(len(r["text"]) for r in rs),
+                  "approx_tokens": sum(approx_tokens(r["text"]) for r in rs)} for name, rs in outputs.items()}
+    return {"input_records": n_input, "bad_input": dict(bad), "stages": stages, "outputs": out}
+
+
+def process(records: list[Record], cfg: PipelineConfig) -> tuple[dict[str, list[Record]], list[Record], dict[str, int]]:
+    """Run all stages on in-memory records: ({'text': ..., 'code': ...}, dropped, cluster hist)."""
+    stages = Stages(cfg)
+    dropped: list[Record] = []
+    survivors = []
+    for r in records:
+        reason = stages.rules(r)
+        (dropped.append(_drop(r, "rules", reason)) if reason else survivors.append(r))
+    kept, dd, hist = dedup_records(survivors, cfg)
+    dropped += dd
+    final_text, final_code = [], []
+    for r in kept:
+        res = stages.post_dedup(r)
+        if res:
+            dropped.append(_drop(r, *res))
+        else:
+            (final_code if r["type"] == "code" else final_text).append(r)
+    outputs = {"text": sorted(final_text, key=lambda r: r["id"]),
+               "code": sorted(code_documents(final_code, cfg.code_context_chars), key=lambda r: r["id"])}
+    return outputs, sorted(dropped, key=lambda r: r["id"]), hist
+
+
+def write_outputs(workdir: str | pathlib.Path, outputs: Mapping[str, list[Record]], dropped: list[Record],
+                  stats: dict[str, Any], records_per_shard: int) -> dict[str, list[str]]:
+    """Shards for each output (ArrayRecord + JSONL), rejects as JSONL, and ``stats.json``."""
+    work = pathlib.Path(workdir)
+    files = {name: write_shards(rs, work / name, name, records_per_shard=records_per_shard)
+             for name, rs in outputs.items()}
+    files["rejected"] = write_shards(dropped, work / "rejected", "rejected",
+                                     records_per_shard=records_per_shard, formats=("jsonl",))
+    stats["files"] = {k: [str(pathlib.Path(p).relative_to(work)) for p in v] for k, v in files.items()}
+    (work / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
+    return files
+
+
+def run_local(sources: Sequence[Mapping[str, Any]], workdir: str | pathlib.Path,
+              cfg: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
+    """Read, process and write everything in this process; returns the stats report."""
+    bad = BadInput()
+    records = list(read_sources(sources, bad))
+    outputs, dropped, hist = process(records, cfg)
+    stats = summarize(len(records), dropped, outputs, bad.to_dict(), hist)
+    write_outputs(workdir, outputs, dropped, stats, cfg.records_per_shard)
+    return stats

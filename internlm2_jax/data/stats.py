@@ -1,0 +1,45 @@
+"""Bad-input accounting and token counting for the stats report (see ``pipeline.summarize``)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from collections import Counter
+from typing import Any
+
+_TOKEN_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|[^\W\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+")
+
+
+def approx_tokens(text: str) -> int:
+    """Whitespace words plus CJK characters (a tokenizer-free token count)."""
+    return len(_TOKEN_RE.findall(text))
+
+
+class BadInput:
+    """Counts malformed inputs by kind, with a few examples (file:line) each."""
+
+    def __init__(self, max_examples: int = 5, max_kept: int = 1000):
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self.files_read = 0
+        self.max_examples, self.max_kept = max_examples, max_kept
+
+    def add(self, kind: str, where: str) -> None:
+        self.counts[kind] += 1
+        ex = self.examples.setdefault(kind, [])
+        if len(ex) < self.max_kept:
+            ex.append(where)
+
+    def merge(self, other: dict[str, Any]) -> None:
+        """Add another :meth:`to_dict` result (``examples`` may be full lists)."""
+        self.files_read += other["files_read"]
+        self.counts.update(other["counts"])
+        for k, v in other["examples"].items():
+            self.examples.setdefault(k, []).extend(v)
+
+    def to_dict(self, full: bool = False) -> dict[str, Any]:
+        """Counts plus the first ``max_examples`` examples per kind in sorted order."""
+        n = None if full else self.max_examples
+        return {"files_read": self.files_read, "counts": dict(sorted(self.counts.items())),
+                "examples": {k: sorted(v)[:n] for k, v in sorted(self.examples.items())}}
