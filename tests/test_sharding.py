@@ -11,9 +11,9 @@ from internlm2_jax.sharding import MeshConfig
 HERE = os.path.dirname(__file__)
 
 
-def _run(script: str, timeout: int = 400) -> str:
+def _run(script: str, *args: str, timeout: int = 400) -> str:
     env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE)}
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "workers", script)], capture_output=True,
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "workers", script), *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -34,3 +34,8 @@ def test_mesh_sizes_fill_and_errors():
         MeshConfig(data=-1, tensor=3).sizes(8)
     with pytest.raises(ValueError, match="positive or -1"):
         MeshConfig(tensor=0).sizes(8)
+
+
+def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
+    out = _run("reshard_restore.py", str(tmp_path / "ckpt"))
+    assert "RESHARD OK" in out

@@ -140,7 +140,7 @@ class Trainer:
 
     def _step_fn(self, state: TrainState, batch: Batch):
         loss, grads, sums = loss_and_grads(self.config, state.params, batch, self.step_cfg)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

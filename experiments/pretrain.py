@@ -1,0 +1,24 @@
+"""Pretraining: `python -m experiments.pretrain --gin experiments/configs/pretrain/tiny.gin`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from experiments.cli import parse_args
+from internlm2_jax.train.loop import NonFiniteLossError, train
+
+
+def main(argv=None) -> int:
+    args = parse_args(__doc__, default_gin="pretrain/tiny.gin", argv=argv)
+    try:
+        last = train(args.workdir)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps({"workdir": args.workdir, **last}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The pretraining experiment: exact resume after SIGKILL, corrupt-checkpoint fallback, SIGTERM, gin errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from internlm2_jax.checkpointing import Checkpointer
+from internlm2_jax.gin_setup import parse_gin
+from internlm2_jax.train.loop import NonFiniteLossError, train
+from internlm2_jax.train.metrics_log import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+TEST_GIN = os.path.join(ROOT, "tests", "configs", "pretrain_test.gin")
+
+
+def _train(workdir, *bindings):
+    gin.clear_config()
+    gin.add_config_file_search_path(ROOT)
+    parse_gin([TEST_GIN], list(bindings))
+    return train(str(workdir))
+
+
+def _cli(workdir, *bindings):
+    cmd = [sys.executable, "-m", "experiments.pretrain", "--gin", TEST_GIN, "--workdir", str(workdir)]
+    for b in bindings:
+        cmd += ["--gin_param", b]
+    return cmd
+
+
+def _params_at(workdir, step):
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    path = os.path.join(ckpt.directory, str(step), "state")
+    import orbax.checkpoint as ocp
+    tree = ocp.StandardCheckpointer().restore(path)
+    ckpt.close()
+    return jax.tree.map(np.asarray, tree["params"])
+
+
+def _losses(workdir):
+    return [(r["step"], r["loss"]) for r in read_metrics(str(workdir)) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ref")
+    _train(workdir)
+    return workdir
+
+
+def test_loss_falls_and_outputs_written(reference_run):
+    rows = read_metrics(str(reference_run))
+    evals = [r["eval_ppl"] for r in rows if "eval_ppl" in r]
+    assert len(evals) == 3  # steps 0, 4, 8
+    assert evals[-1] <= 0.5 * evals[0]
+    assert [s for s, _ in _losses(reference_run)] == list(range(1, 9))
+    assert os.listdir(os.path.join(reference_run, "tensorboard"))
+    assert sorted(Checkpointer(os.path.join(reference_run, "checkpoints")).all_steps()) == [4, 8]
+
+
+def test_exact_resume_after_sigkill(reference_run, tmp_path):
+    proc = subprocess.Popen(_cli(tmp_path, "train.checkpoint_every=2"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            path = os.path.join(tmp_path, "metrics.jsonl")
+            if os.path.exists(path) and any(r.get("step", 0) >= 5 for r in read_metrics(str(tmp_path))):
+                break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert any(r.get("step", 0) >= 5 for r in read_metrics(str(tmp_path))), "run never reached step 5"
+    _train(tmp_path)  # same workdir: resumes from the last complete checkpoint
+    assert _losses(tmp_path) == _losses(reference_run)
+    ours, ref = _params_at(tmp_path, 8), _params_at(reference_run, 8)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_corrupt_latest_checkpoint_falls_back(reference_run, tmp_path, caplog):
+    work = tmp_path / "w"
+    shutil.copytree(reference_run, work)
+    state_dir = work / "checkpoints" / "8" / "state"
+    for root, _, files in os.walk(state_dir):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    with caplog.at_level("WARNING"):
+        _train(work)
+    assert "checkpoint step 8" in caplog.text and "falling back" in caplog.text
+    assert _losses(work) == _losses(reference_run)
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    proc = subprocess.Popen(_cli(tmp_path, "train.num_steps=100000", "OptimizerConfig.total_steps=100000"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if os.path.exists(tmp_path / "metrics.jsonl") and _losses(tmp_path):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    last = _losses(tmp_path)[-1][0]
+    assert last in Checkpointer(os.path.join(tmp_path, "checkpoints")).all_steps()
+
+
+@pytest.mark.parametrize("binding,message", [
+    ("train.stpes = 10", "stpes"),
+    ("InputConfig.seq_lenn = 3", "seq_lenn"),
+])
+def test_gin_typo_fails_at_once(tmp_path, binding, message):
+    start = time.time()
+    proc = subprocess.run(_cli(tmp_path, binding), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and proc.stderr.count("\n") <= 2, proc.stderr
+    assert not os.path.exists(tmp_path / "checkpoints")
+    assert time.time() - start < 60
+
+
+def test_nonfinite_steps_stop_the_run(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="consecutive non-finite"):
+        _train(tmp_path, "OptimizerConfig.peak_lr = 1e35", "OptimizerConfig.clip_norm = 0.0",
+               "OptimizerConfig.warmup_steps = 0", "train.max_nonfinite = 2", "train.checkpoint_every = 1")
+    for step in Checkpointer(os.path.join(tmp_path, "checkpoints")).all_steps():
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params_at(tmp_path, step)))
