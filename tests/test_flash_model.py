@@ -44,3 +44,16 @@ def test_pallas_model_matches_xla():
     assert len(flat) == len(ref_flat)
     for g, r in zip(flat, ref_flat):
         np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-3)
+
+
+def test_pallas_decode_step_matches_xla():
+    """The KV-cache decode path with attention_impl='pallas' uses the split-K kernel; same logits."""
+    xla_cfg = get_preset("tiny", dtype="float32")
+    pallas_cfg = get_preset("tiny", dtype="float32", attention_impl="pallas")
+    params = init_params(xla_cfg, jax.random.PRNGKey(2))
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 7), 0, xla_cfg.vocab_size)
+    _, cache = internlm2_jax.prefill(xla_cfg, params, tokens, max_len=16, lengths=jnp.asarray([7, 4]))
+    nxt = jnp.asarray([5, 9])
+    ref, _ = internlm2_jax.decode_step(xla_cfg, params, cache, nxt)
+    got, _ = internlm2_jax.decode_step(pallas_cfg, params, cache, nxt)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5)

@@ -71,9 +71,8 @@ class Attention(nn.Module):
         else:
             k_cache = write_cache(cache[0], k, cache_starts)
             v_cache = write_cache(cache[1], v, cache_starts)
-            mask = attention_core.make_attention_mask(
-                s, k_cache.shape[1], causal=True, q_offset=cache_starts, kv_lengths=cache_starts + s)
-            out = attention_core.xla_attention(q, k_cache.astype(dt), v_cache.astype(dt), mask)
+            out = attention_core.cached_attention(q, k_cache.astype(dt), v_cache.astype(dt), cache_starts,
+                                                  impl=cfg.attention_impl)
             new_cache = (k_cache, v_cache)
         out = checkpoint_name(out, "attn")
         wo = logical_param(self, "wo", init, (kvh * g, hd, d), ("heads", "head_dim", "embed"), cfg.weight_dtype)

@@ -142,3 +142,29 @@ def _cudnn_attention(
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
     )
+
+
+def cached_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    starts: jax.Array,
+    *,
+    impl: str = "xla",
+    scale: Optional[float] = None,
+) -> jax.Array:
+    """Attention of `q [batch, s, heads, head_dim]` (new tokens at cache slots `starts [batch]` onward)
+    over `k_cache, v_cache [batch, max_len, kv_heads, head_dim]`, causally.
+
+    One-token decode with `impl="pallas"` (or `"auto"` off CPU) uses the split-K decode kernel;
+    everything else uses the masked XLA reference.
+    """
+    if impl == "auto":
+        impl = "xla" if jax.default_backend() == "cpu" else "pallas"
+    s = q.shape[1]
+    if impl == "pallas" and s == 1:
+        from kernels_pallas import decode_attention
+
+        return decode_attention(q[:, 0], k_cache, v_cache, starts + 1, sm_scale=scale)[:, None]
+    mask = make_attention_mask(s, k_cache.shape[1], causal=True, q_offset=starts, kv_lengths=starts + s)
+    return xla_attention(q, k_cache, v_cache, mask, scale=scale)
