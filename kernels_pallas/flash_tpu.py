@@ -13,7 +13,6 @@ for both the forward and the backward trace through a small `custom_vjp`.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional
 
 import jax

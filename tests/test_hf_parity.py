@@ -1,6 +1,5 @@
 """Logit parity of load_hf'd params against transformers' LlamaForCausalLM (PyTorch, fp32)."""
 
-import os
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """The pretraining experiment: exact resume after SIGKILL, corrupt-checkpoint fallback, SIGTERM, gin errors."""
 
-import json
 import os
 import shutil
 import signal
