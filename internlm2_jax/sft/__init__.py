@@ -1,0 +1,21 @@
+"""Supervised fine-tuning: conversation formats, packing, KV-cache generation, LoRA.
+
+  formats:  load_conversations / load_sft_examples / to_messages / tokenize_conversation / render_mask
+  packing:  packed_batches (segment ids) / bucketed_batches (padding)
+  generate: generate (batched, jitted while_loop) / generate_stream (token by token)
+  lora:     LoraConfig / init_lora / apply_lora / merge_lora / quantize_int8 / make_lora_step
+"""
+
+from internlm2_jax.sft.formats import (FormatError, LoadResult, load_conversations, load_sft_examples,
+                                       parse_chatml, render_mask, to_messages, tokenize_conversation)
+from internlm2_jax.sft.generate import generate, generate_stream, sample_logits
+from internlm2_jax.sft.lora import (LoraConfig, QuantizedWeight, apply_lora, init_lora, make_lora_step,
+                                    merge_lora, quantize_int8)
+from internlm2_jax.sft.packing import bucketed_batches, pack_rows, packed_batches
+
+__all__ = [
+    "FormatError", "LoadResult", "load_conversations", "load_sft_examples", "parse_chatml", "render_mask",
+    "to_messages", "tokenize_conversation", "generate", "generate_stream", "sample_logits", "LoraConfig", "QuantizedWeight",
+    "apply_lora", "init_lora", "make_lora_step", "merge_lora", "quantize_int8", "bucketed_batches",
+    "pack_rows", "packed_batches",
+]

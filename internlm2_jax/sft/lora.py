@@ -1,0 +1,169 @@
+"""LoRA adapters on wqkv / wo / w1 / w2 / w3 with a frozen (optionally int8-quantized) base.
+
+Adapters are a separate params tree mirroring the base tree down to each target weight, where the leaf
+is `{"a": [*lead, in, r], "b": [*lead, r, *out]}` (`lead` = the scanned layer axis, `in` = the flattened
+input dims, `out` = the weight's output dims; B starts at zero so the merged model equals the base).
+Input / output dims per target (base shapes from `model.py`):
+
+    wqkv [L, D, KV, G+2, hd]: in D,       out (KV, G+2, hd)
+    wo   [L, H, hd, D]:       in (H·hd),  out D
+    w1/w3 [L, D, F], w2 [L, F, D]: in the first, out the last
+
+`apply_lora` materialises `W + (alpha / r) · A @ B` inside the loss, so `forward` is unchanged. That costs
+one full-size weight per target per step (fine for small / medium models; a production path for big models
+would apply `x @ A @ B` inside the layers instead). LoRA dropout is applied to A's input rows (a dropped
+input feature for the whole batch, not per token) because the merged form has no per-token activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from internlm2_jax.config import ModelConfig
+from internlm2_jax.train.step import StepConfig, loss_fn
+
+IN_NDIM = {"wqkv": 1, "wo": 2, "w1": 1, "w2": 1, "w3": 1}
+OUT_NDIM = {"wqkv": 3, "wo": 1, "w1": 1, "w2": 1, "w3": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("wqkv", "wo", "w1", "w2", "w3")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@flax.struct.dataclass
+class QuantizedWeight:
+    """int8 weight with per-output-channel fp32 absmax scales: `w ≈ q * scale`; scale has size-1 in dims."""
+
+    q: jax.Array
+    scale: jax.Array
+
+    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
+        return (self.q.astype(jnp.float32) * self.scale).astype(dtype)
+
+
+def _split(name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    n_out, n_in = OUT_NDIM[name], IN_NDIM[name]
+    lead = len(shape) - n_out - n_in
+    return shape[:lead], shape[lead:lead + n_in], shape[lead + n_in:]
+
+
+def _map_targets(tree: Any, targets: tuple[str, ...], fn: Callable[[str, Any], Any], keep_others: bool) -> Any:
+    """Rebuilds dict `tree`, applying `fn(name, leaf)` at target keys; drops other leaves unless `keep_others`."""
+    out = {}
+    for k, v in tree.items():
+        if k in targets and not isinstance(v, dict):
+            out[k] = fn(k, v)
+        elif isinstance(v, dict):
+            sub = _map_targets(v, targets, fn, keep_others)
+            if sub or keep_others:
+                out[k] = sub
+        elif keep_others:
+            out[k] = v
+    return out
+
+
+def init_lora(base_params: Any, cfg: LoraConfig, rng: jax.Array) -> dict:
+    """Adapters for every target weight of `base_params` (A ~ N(0, 1/in), B = 0), fp32."""
+    base_params = nn.meta.unbox(base_params)
+    counter = iter(range(1 << 30))
+
+    def make(name, w):
+        shape = w.q.shape if isinstance(w, QuantizedWeight) else w.shape
+        lead, ins, outs = _split(name, shape)
+        fan_in = int(np.prod(ins))
+        a = jax.random.normal(jax.random.fold_in(rng, next(counter)), (*lead, fan_in, cfg.rank)) / np.sqrt(fan_in)
+        return {"a": a.astype(jnp.float32), "b": jnp.zeros((*lead, cfg.rank, *outs), jnp.float32)}
+
+    return _map_targets(base_params, cfg.targets, make, keep_others=False)
+
+
+def lora_delta(name: str, w_shape: tuple[int, ...], ad: dict, scale: float,
+               dropout_mask: Optional[jax.Array] = None) -> jax.Array:
+    """`scale · A @ B` reshaped to the weight's shape `w_shape` (fp32)."""
+    lead, ins, outs = _split(name, w_shape)
+    a = ad["a"] if dropout_mask is None else ad["a"] * dropout_mask
+    b = ad["b"].reshape(*lead, ad["b"].shape[len(lead)], -1)
+    return (scale * jnp.matmul(a, b)).reshape(w_shape)
+
+
+def apply_lora(base_params: Any, adapters: dict, alpha: float, rank: int, *, dropout: float = 0.0,
+               rng: Optional[jax.Array] = None) -> Any:
+    """Merged params `W + (alpha/rank)·A@B` for adapted weights (int8 bases dequantized), others as is.
+
+    Differentiable in `adapters`; pass `rng` and `dropout > 0` for (row-wise) LoRA dropout in training.
+    """
+    counter = iter(range(1 << 30))
+
+    def merge(tree, ads):
+        out = {}
+        for k, v in tree.items():
+            if k in ads and not isinstance(v, dict):
+                w = v.dequantize() if isinstance(v, QuantizedWeight) else v
+                mask = None
+                if dropout > 0.0 and rng is not None:
+                    keep = jax.random.bernoulli(jax.random.fold_in(rng, next(counter)), 1.0 - dropout,
+                                                ads[k]["a"].shape[:-1] + (1,))
+                    mask = keep.astype(jnp.float32) / (1.0 - dropout)
+                out[k] = (w.astype(jnp.float32) + lora_delta(k, w.shape, ads[k], alpha / rank, mask)).astype(w.dtype)
+            elif isinstance(v, dict):
+                out[k] = merge(v, ads.get(k, {}))
+            else:
+                out[k] = v.dequantize() if isinstance(v, QuantizedWeight) else v
+        return out
+
+    return merge(nn.meta.unbox(base_params), adapters)
+
+
+def merge_lora(base_params: Any, adapters: dict, cfg: LoraConfig) -> Any:
+    """Plain merged params for export / inference (no dropout), e.g. for `save_hf`."""
+    return jax.jit(lambda p, a: apply_lora(p, a, cfg.alpha, cfg.rank))(nn.meta.unbox(base_params), adapters)
+
+
+def quantize_int8(base_params: Any, targets: tuple[str, ...] = tuple(IN_NDIM)) -> Any:
+    """QLoRA-style memory saving: target weights → `QuantizedWeight` (int8, per-output-channel absmax)."""
+    def quant(name, w):
+        lead, ins, _ = _split(name, w.shape)
+        axes = tuple(range(len(lead), len(lead) + len(ins)))
+        scale = jnp.maximum(jnp.max(jnp.abs(w.astype(jnp.float32)), axis=axes, keepdims=True), 1e-12) / 127.0
+        return QuantizedWeight(jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale)
+
+    return _map_targets(nn.meta.unbox(base_params), targets, quant, keep_others=True)
+
+
+def make_lora_step(config: ModelConfig, tx: optax.GradientTransformation, cfg: LoraConfig,
+                   step_cfg: StepConfig = StepConfig()) -> Callable:
+    """Jitted `step(adapters, opt_state, base, batch, rng) -> (adapters, opt_state, metrics)`.
+
+    Only the adapters are differentiated and updated (`tx` is initialised on the adapter tree:
+    `opt_state = tx.init(adapters)`), so the base — plain or int8 — is never touched. `batch` follows the
+    train step's layout (`tokens/segment_ids/positions/loss_mask [B, S]`).
+    """
+    def loss(adapters, base, batch, rng):
+        merged = apply_lora(base, adapters, cfg.alpha, cfg.rank, dropout=cfg.dropout, rng=rng)
+        total, sums = loss_fn(config, merged, batch, step_cfg)
+        return total / jnp.maximum(sums["count"], 1.0), sums
+
+    @jax.jit
+    def step(adapters, opt_state, base, batch, rng):
+        (value, sums), grads = jax.value_and_grad(loss, has_aux=True)(adapters, base, batch, rng)
+        updates, opt_state = tx.update(grads, opt_state, adapters)
+        return optax.apply_updates(adapters, updates), opt_state, {"loss": value, "tokens": sums["count"],
+                                                                    "grad_norm": optax.tree.norm(grads)}
+
+    return step
