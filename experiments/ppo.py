@@ -1,0 +1,101 @@
+"""PPO / GRPO on the toy task: `python -m experiments.ppo --gin experiments/configs/rlhf/ppo_tiny.gin`.
+
+Prints and logs (metrics.jsonl) per iteration: reward, KL, entropy, value loss, clip fraction, response
+length, rollout and training tokens/s and the generation / scoring / training time breakdown. The last
+iteration's rollouts go to `rollouts.jsonl` for the online fast-path scan (`experiments.online_rlhf`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Optional
+
+import gin
+import jax
+import numpy as np
+
+from internlm2_jax.config import ModelConfig
+from internlm2_jax.model import init_params
+from internlm2_jax.rlhf.online import write_jsonl
+from internlm2_jax.rlhf.params_io import load_params, save_params
+from internlm2_jax.rlhf.ppo_trainer import PPOConfig, PPOTrainer
+from internlm2_jax.rlhf.reward_model import init_reward_params
+from internlm2_jax.rlhf.rollout import RewardModelScorer, make_prompt_items
+from internlm2_jax.rlhf.toy_tasks import (TOY_CONDITIONS, CharTokenizer, target_token_reward, toy_pretrain_batches,
+                                          toy_prompts)
+from internlm2_jax.train.metrics_log import MetricsLog
+from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
+
+gin.external_configurable(PPOConfig)
+
+
+def _opt(lr: float):
+    return make_optimizer(OptimizerConfig(peak_lr=lr, warmup_steps=0, schedule="constant", weight_decay=0.0))
+
+
+@gin.configurable
+def train_ppo(workdir: str, model: ModelConfig = gin.REQUIRED, ppo: PPOConfig = PPOConfig(),
+              iterations: int = 40, actor_lr: float = 1e-6, critic_lr: float = 5e-6, reward: str = "target:a",
+              actor_init: Optional[str] = None, num_prompts: int = 256, pretrain_batch: int = 4,
+              seed: int = 0) -> dict[str, Any]:
+    """Runs `iterations` PPO/GRPO iterations on toy prompts.
+
+    reward: `target:<char>` (fraction of response characters equal to it) or `rm:<rm_params.msgpack>`
+    (the conditional RM, fed each prompt's category as its system prompt). The critic starts from the RM
+    params when given one, else from the actor's backbone with a zero head.
+    """
+    tok = CharTokenizer()
+    actor = load_params(actor_init) if actor_init else init_params(model, jax.random.key(seed))
+    if reward.startswith("rm:"):
+        rm = load_params(reward[3:])
+        reward_fn = RewardModelScorer(model, rm, tok.reward_id, pad_id=tok.pad_id)
+        critic = rm
+    elif reward.startswith("target:"):
+        target = tok.encode(reward[7:])[0]
+        reward_fn = lambda items, responses: target_token_reward(responses, target)  # noqa: E731
+        critic = init_reward_params(model, jax.random.key(seed + 1), backbone=actor)
+    else:
+        raise ValueError(f"unknown reward {reward!r}; expected 'target:<char>' or 'rm:<path>'")
+    items = make_prompt_items(toy_prompts(num_prompts, tok, seed), tok, TOY_CONDITIONS)
+    pt = toy_pretrain_batches(tok, pretrain_batch, ppo.max_prompt_len + ppo.max_new_tokens, seed)
+    trainer = PPOTrainer(model, ppo, actor, critic, reward_fn, _opt(actor_lr), _opt(critic_lr),
+                         stop_ids=tok.stop_ids, pad_id=tok.pad_id, pretrain_iter=pt, seed=seed)
+    log = MetricsLog(workdir, tensorboard=False)
+    rng = np.random.default_rng(seed)
+    n = ppo.batch_size
+    for it in range(iterations):
+        batch_items = [items[i] for i in rng.choice(len(items), n, replace=False)]
+        m = trainer.iterate(batch_items)
+        log.write(it + 1, m)
+        print(f"iter {it + 1:3d} reward {m['reward']:.3f} kl {m['kl']:.3f} entropy {m.get('entropy', float('nan')):.3f} "
+              f"vloss {m.get('value_loss', float('nan')):.4f} clip {m.get('clip_frac', float('nan')):.3f} "
+              f"len {m['response_length']:.1f} | gen {m['time/generation']:.3f}s score {m['time/scoring']:.3f}s "
+              f"train {m['time/training']:.3f}s | rollout {m['rollout_tokens_per_s']:.0f} tok/s "
+              f"train {m['train_tokens_per_s']:.0f} tok/s", flush=True)
+    log.close()
+    batch, responses, _ = trainer.rollout(batch_items)  # fresh rollouts for the online scan
+    scores = np.asarray(batch["scores"])
+    per = 1 if ppo.algo == "ppo" else ppo.group_size
+    write_jsonl(os.path.join(workdir, "rollouts.jsonl"), [
+        {"messages": batch_items[i // per]["messages"], "category": batch_items[i // per]["category"],
+         "response": tok.decode([t for t in r if t not in tok.stop_ids]), "reward": float(scores[i])}
+        for i, r in enumerate(responses)])
+    save_params(os.path.join(workdir, "actor_params.msgpack"), trainer.state.actor)
+    return {"final_reward": m["reward"], "final_kl": m["kl"], "iterations": iterations}
+
+
+def main(argv=None) -> int:
+    from experiments.cli import parse_args
+
+    args = parse_args(__doc__, default_gin="rlhf/ppo_tiny.gin", argv=argv)
+    t0 = time.time()
+    out = train_ppo(args.workdir)
+    print(json.dumps({"workdir": args.workdir, **out, "wall_s": round(time.time() - t0, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

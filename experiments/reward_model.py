@@ -1,0 +1,91 @@
+"""Conditional reward model: `python -m experiments.reward_model --gin experiments/configs/rlhf/rm_tiny.gin`.
+
+Data: `toy:N` (generated pairs, character tokenizer) or JSONL preference files (see
+`internlm2_jax.rlhf.preference_data`) with a sentencepiece tokenizer. Writes `rm_params.msgpack` and
+`metrics.jsonl` (loss, accuracy, per-condition held-out accuracy) to the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import gin
+import jax
+
+from internlm2_jax.config import ModelConfig
+from internlm2_jax.rlhf.params_io import load_params, save_params
+from internlm2_jax.rlhf.preference_data import pack_pairs, read_jsonl, tokenize_pairs
+from internlm2_jax.rlhf.reward_model import DEFAULT_CONDITIONS, init_reward_params
+from internlm2_jax.rlhf.rm_trainer import evaluate, rm_train_step
+from internlm2_jax.rlhf.toy_tasks import TOY_CONDITIONS, CharTokenizer, toy_preference_records
+from internlm2_jax.train.metrics_log import MetricsLog
+from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
+
+
+def load_preferences(data: Sequence[str], tokenizer: Optional[str], conditions: Optional[dict]):
+    """(records, tokenizer, conditions, reward_token_id) for `toy:N` or JSONL paths."""
+    toy = [d for d in data if d.startswith("toy:")]
+    files = [d for d in data if not d.startswith("toy:")]
+    if toy:  # generated pairs + any JSONL patches, all with the character tokenizer
+        tok = CharTokenizer()
+        records = [r for t in toy for r in toy_preference_records(int(t[4:]))]
+        records += [r for path in files for r in read_jsonl(path)]
+        return records, tok, conditions or TOY_CONDITIONS, tok.reward_id
+    from internlm2_jax.tokenizer import REWARD_TOKEN_ID, Tokenizer
+
+    if tokenizer is None:
+        raise ValueError("JSONL preference data needs train_rm.tokenizer (a sentencepiece model path)")
+    records = [r for path in data for r in read_jsonl(path)]
+    return records, Tokenizer(tokenizer), conditions or DEFAULT_CONDITIONS, REWARD_TOKEN_ID
+
+
+@gin.configurable
+def train_rm(workdir: str, model: ModelConfig = gin.REQUIRED, data: Sequence[str] = ("toy:512",),
+             tokenizer: Optional[str] = None, conditions: Optional[dict] = None, reward_token_id: Optional[int] = None,
+             init_from: Optional[str] = None, optimizer: OptimizerConfig = OptimizerConfig(
+                 peak_lr=1e-5, end_lr_ratio=0.5, warmup_steps=0, weight_decay=0.01),
+             token_budget: int = 16384, row_len: int = 2048, max_pairs: int = 512, epochs: int = 1,
+             gamma: float = 2.0, barrier_weight: float = 0.02, eval_fraction: float = 0.1,
+             seed: int = 0) -> dict[str, Any]:
+    """Trains the RM for `epochs` over token-budget batches; returns the final held-out metrics."""
+    records, tok, conds, rid = load_preferences(list(data), tokenizer, conditions)
+    rid = reward_token_id if reward_token_id is not None else rid
+    names = sorted(conds)
+    pairs, dropped = tokenize_pairs(records, tok, conds, rid, max_len=row_len // 2)
+    n_eval = max(int(len(pairs) * eval_fraction), 1)
+    pack = dict(token_budget=token_budget, row_len=row_len, max_pairs=max_pairs, condition_names=names)
+    train, held = list(pack_pairs(pairs[n_eval:], **pack)), list(pack_pairs(pairs[:n_eval], **pack))
+    steps = epochs * len(train)
+    tx = make_optimizer(optimizer.__class__(**{**optimizer.__dict__, "total_steps": steps}))
+    backbone = load_params(init_from) if init_from else None
+    params = init_reward_params(model, jax.random.key(seed), backbone=backbone)
+    opt = tx.init(params)
+    log = MetricsLog(workdir, tensorboard=False)
+    step, t0 = 0, time.perf_counter()
+    for _ in range(epochs):
+        for b in train:
+            params, opt, m = rm_train_step(model, params, opt, b, tx=tx, gamma=gamma, barrier_weight=barrier_weight)
+            step += 1
+            log.write(step, {**{k: float(v) for k, v in m.items()}, "tokens_per_s":
+                             step * token_budget / (time.perf_counter() - t0)})
+    result = {"steps": steps, "pairs": len(pairs), "dropped": dropped, **evaluate(model, params, held, names)}
+    log.write(step, {f"eval/{k}": v for k, v in result.items()})
+    log.close()
+    save_params(os.path.join(workdir, "rm_params.msgpack"), params)
+    return result
+
+
+def main(argv=None) -> int:
+    from experiments.cli import parse_args
+
+    args = parse_args(__doc__, default_gin="rlhf/rm_tiny.gin", argv=argv)
+    print(json.dumps({"workdir": args.workdir, **train_rm(args.workdir)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

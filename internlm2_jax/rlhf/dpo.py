@@ -1,0 +1,76 @@
+"""DPO: preference optimization against a frozen reference whose log-probs are computed once and cached.
+
+Batches hold chosen/rejected sequences `[B, L]` (right-padded) with masks `[B, L]` that are 1 on response
+tokens; the reference's summed response log-probs are stored in the batch (`ref_chosen`, `ref_rejected`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from internlm2_jax.config import ModelConfig
+from internlm2_jax.rlhf.preference_data import ChatEncoder, record_conversations
+from internlm2_jax.rlhf.rollout import policy_logprobs
+
+Params = Any
+
+
+def dpo_loss(pi_chosen: jax.Array, pi_rejected: jax.Array, ref_chosen: jax.Array, ref_rejected: jax.Array, *,
+             beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`−(1−ε)·log σ(β·h) − ε·log σ(−β·h)`, `h = (π_c − ref_c) − (π_r − ref_r)` (summed log-probs `[B]`)."""
+    h = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)
+    losses = -(1 - label_smoothing) * jax.nn.log_sigmoid(beta * h) - label_smoothing * jax.nn.log_sigmoid(-beta * h)
+    return losses.mean(), {"dpo_loss": losses.mean(), "reward_accuracy": (h > 0).mean(),
+                           "reward_margin": (beta * h).mean()}
+
+
+def sequence_logps(config: ModelConfig, params: Params, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """Sum of response-token log-probs `[B]` (`mask [B, L]` 1 on response tokens)."""
+    logp, _ = policy_logprobs(config, params, tokens)
+    return jnp.sum(logp * mask, axis=1)
+
+
+def encode_dpo_batch(records: Sequence[Mapping[str, Any]], tok: ChatEncoder, seq_len: int,
+                     pad_id: int = 0) -> dict[str, np.ndarray]:
+    """`{prompt, chosen, rejected}` records → tokens/masks for both sides; the mask covers everything after
+    the last turn's generation prompt (the response, its end marker and newline)."""
+    out = {k: np.full((len(records), seq_len), pad_id, np.int32) for k in ("chosen", "rejected")}
+    out.update({f"{k}_mask": np.zeros((len(records), seq_len), np.float32) for k in ("chosen", "rejected")})
+    for i, rec in enumerate(records):
+        for key, msgs in zip(("chosen", "rejected"), record_conversations(rec)):
+            ids = tok.encode_chat(msgs)[:seq_len]
+            start = len(tok.encode_chat(msgs[:-1], add_generation_prompt=True))
+            out[key][i, : len(ids)] = ids
+            out[f"{key}_mask"][i, start: len(ids)] = 1.0
+    return out
+
+
+_seq_logps = jax.jit(sequence_logps, static_argnames=("config",))
+
+
+def cache_reference(config: ModelConfig, ref: Params, batches: Iterable[dict[str, np.ndarray]]) -> list[dict]:
+    """Adds `ref_chosen`/`ref_rejected` `[B]` to each batch (one reference forward per batch, ever)."""
+    return [{**b, "ref_chosen": np.asarray(_seq_logps(config, ref, b["chosen"], b["chosen_mask"])),
+             "ref_rejected": np.asarray(_seq_logps(config, ref, b["rejected"], b["rejected_mask"]))}
+            for b in batches]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "tx", "beta", "label_smoothing"), donate_argnums=(1, 2))
+def dpo_step(config: ModelConfig, params: Params, opt_state: Any, batch: dict[str, jax.Array], *,
+             tx: optax.GradientTransformation, beta: float = 0.1, label_smoothing: float = 0.0):
+    """One optimizer step on the DPO loss of a batch with cached reference log-probs."""
+    def loss_fn(p):
+        pc = sequence_logps(config, p, batch["chosen"], batch["chosen_mask"])
+        pr = sequence_logps(config, p, batch["rejected"], batch["rejected_mask"])
+        return dpo_loss(pc, pr, batch["ref_chosen"], batch["ref_rejected"], beta=beta,
+                        label_smoothing=label_smoothing)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, metrics

@@ -1,0 +1,105 @@
+"""Tiny CPU tasks for the RLHF tests and demos: a character tokenizer, rule-labelled preference pairs,
+and programmatic rewards."""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+import numpy as np
+
+from internlm2_jax.tokenizer import render_message
+
+_SPECIALS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|reward|>")
+_CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
+
+
+class CharTokenizer:
+    """One id per printable ASCII character plus the chat specials; `encode_chat` mirrors InternLM2's
+    template (`<s>` then `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message)."""
+
+    pad_id, bos_id, eos_id, im_start_id, im_end_id, reward_id = range(6)
+
+    def __init__(self) -> None:
+        self._ids = {c: i + len(_SPECIALS) for i, c in enumerate(_CHARS)}
+        self._chars = {i: c for c, i in self._ids.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(_SPECIALS) + len(_CHARS)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return (self.eos_id, self.im_end_id)
+
+    def encode(self, text: str) -> list[int]:
+        return [self._ids[c] for c in text if c in self._ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self._chars.get(int(i), _SPECIALS[int(i)] if int(i) < len(_SPECIALS) else "?") for i in ids)
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = False) -> list[int]:
+        ids = [self.bos_id]
+        for n, msg in enumerate(messages):
+            header, content = render_message(msg, index=n)
+            ids += [self.im_start_id] + self.encode(header + "\n") + self.encode(content) + [self.im_end_id]
+            ids += self.encode("\n")
+        if add_generation_prompt:
+            ids += [self.im_start_id] + self.encode("assistant\n")
+        return ids
+
+
+# Condition → system prompt of the toy conditional RM: each prefers a different letter.
+TOY_CONDITIONS = {"likes_a": "a", "likes_b": "b"}
+
+
+def _mix(rng: random.Random, frac_a: float, n: int) -> str:
+    return "".join("a" if rng.random() < frac_a else "b" for _ in range(n))
+
+
+def _frac_a(s: str) -> float:
+    return s.count("a") / max(len(s), 1)
+
+
+def toy_preference_records(n: int, seed: int = 0, *, min_len: int = 4, max_len: int = 10) -> list[dict[str, Any]]:
+    """Pairs of a/b strings with clearly different letter fractions; condition `likes_a` prefers more
+    'a', `likes_b` more 'b'. The same two responses appear under both conditions with flipped labels."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        while True:  # resample until the rule's label is unambiguous
+            mostly_a = _mix(rng, 0.85, rng.randint(min_len, max_len))
+            mostly_b = _mix(rng, 0.15, rng.randint(min_len, max_len))
+            if _frac_a(mostly_a) - _frac_a(mostly_b) >= 0.4:
+                break
+        cond = "likes_a" if i % 2 == 0 else "likes_b"
+        chosen, rejected = (mostly_a, mostly_b) if cond == "likes_a" else (mostly_b, mostly_a)
+        out.append({"prompt": "say", "chosen": chosen, "rejected": rejected, "condition": cond})
+    return out
+
+
+def target_token_reward(responses: Sequence[Sequence[int]], target: int) -> np.ndarray:
+    """Fraction of response tokens equal to `target` → `[B]` (0 for empty responses)."""
+    return np.array([sum(t == target for t in r) / max(len(r), 1) for r in responses], np.float32)
+
+
+def toy_prompts(n: int, tok: CharTokenizer, seed: int = 0) -> list[dict[str, Any]]:
+    """Short arithmetic-flavoured prompts with a category each: `{"messages", "category"}`."""
+    rng = random.Random(seed)
+    cats = list(TOY_CONDITIONS)
+    return [{"messages": [{"role": "user", "content": f"{rng.randint(0, 9)}+{rng.randint(0, 9)}"}],
+             "category": cats[i % len(cats)]} for i in range(n)]
+
+
+def toy_pretrain_batches(tok: CharTokenizer, batch: int, seq_len: int, seed: int = 0):
+    """Endless `{"tokens": [batch, seq_len]}` of chat-formatted 'a+b=c' examples (the ptx data)."""
+    rng = random.Random(seed)
+    while True:
+        rows = np.zeros((batch, seq_len), np.int32)
+        mask = np.zeros((batch, seq_len), np.float32)
+        for i in range(batch):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            ids = tok.encode_chat([{"role": "user", "content": f"{a}+{b}"},
+                                   {"role": "assistant", "content": str(a + b)}])[:seq_len]
+            rows[i, : len(ids)], mask[i, : len(ids)] = ids, 1.0
+        yield {"tokens": rows, "loss_mask": mask}
