@@ -35,4 +35,7 @@ def parse_args(description: str, default_gin: Optional[str] = None,
     except GinConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    from internlm2_jax import distributed
+
+    distributed.initialize()  # multi-host (env / SLURM / TPU pod); a no-op for one process
     return args
