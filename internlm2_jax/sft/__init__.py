@@ -4,6 +4,10 @@
   packing:  packed_batches (segment ids) / bucketed_batches (padding)
   generate: generate (batched, jitted while_loop) / generate_stream (token by token)
   lora:     LoraConfig / init_lora / apply_lora / merge_lora / quantize_int8 / make_lora_step
+  lora_trainer: LoraTrainer (Trainer-compatible LoRA / QLoRA on a mesh)
+  data:     SFTDataConfig / make_train_iterator (resumable grain batches) / eval_prompts
+  tasks:    generated toy chat tasks (add / reverse / repeat) + tokenizer
+  train:    sft_train (the gin-configurable experiment; import it explicitly, it registers gin names)
 """
 
 from internlm2_jax.sft.formats import (FormatError, LoadResult, load_conversations, load_sft_examples,
@@ -11,11 +15,13 @@ from internlm2_jax.sft.formats import (FormatError, LoadResult, load_conversatio
 from internlm2_jax.sft.generate import generate, generate_stream, sample_logits
 from internlm2_jax.sft.lora import (LoraConfig, QuantizedWeight, apply_lora, init_lora, make_lora_step,
                                     merge_lora, quantize_int8)
+from internlm2_jax.sft.lora_trainer import LoraTrainer
 from internlm2_jax.sft.packing import bucketed_batches, pack_rows, packed_batches
 
 __all__ = [
     "FormatError", "LoadResult", "load_conversations", "load_sft_examples", "parse_chatml", "render_mask",
-    "to_messages", "tokenize_conversation", "generate", "generate_stream", "sample_logits", "LoraConfig", "QuantizedWeight",
+    "to_messages", "tokenize_conversation", "generate", "generate_stream", "sample_logits", "LoraConfig",
+    "QuantizedWeight",
     "apply_lora", "init_lora", "make_lora_step", "merge_lora", "quantize_int8", "bucketed_batches",
-    "pack_rows", "packed_batches",
+    "pack_rows", "packed_batches", "LoraTrainer",
 ]

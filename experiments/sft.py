@@ -1,0 +1,33 @@
+"""Supervised fine-tuning: `python -m experiments.sft --gin experiments/configs/sft/tiny.gin [--show_mask N]`.
+
+`--show_mask N` prints N training conversations with the trained (loss) spans in `[[...]]` and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from experiments.cli import parse_args
+from internlm2_jax.sft.train import sft_train
+from internlm2_jax.train.runner import NonFiniteLossError
+
+
+def main(argv=None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--show_mask", type=int, default=0, help="print N samples with masked spans and exit")
+    extra, rest = pre.parse_known_args(argv)
+    args = parse_args(__doc__, default_gin="sft/tiny.gin", argv=rest)
+    try:
+        last = sft_train(args.workdir, show_mask=extra.show_mask)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if not extra.show_mask:
+        print(json.dumps({"workdir": args.workdir, **last}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""`LoraTrainer`: `Trainer`'s interface (`mesh/init_state/abstract_state/step/eval_loss`) for LoRA / QLoRA.
+
+The state's `params` are the adapters only (`{"a": [*lead, in, r], "b": [*lead, r, *out]}` per target, see
+`lora.py`), so `run_loop` checkpoints adapters + optimizer state and nothing of the frozen base. The base
+(plain, or int8 `QuantizedWeight` for QLoRA) lives on the trainer, sharded by the model's logical rules,
+and is passed to the jitted step as a non-donated input. Adapter shardings follow their base weight:
+
+    A [*lead, in, r]   logical (*lead_axes, first in-axis, None)
+    B [*lead, r, *out] logical (*lead_axes, None, *out_axes)
+
+e.g. wqkv `(layers, embed, kv_heads, qkv_group, head_dim)` → A `(layers, embed, None)`,
+B `(layers, None, kv_heads, qkv_group, head_dim)`; A's flattened `in` dim is split like its first factor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from internlm2_jax.config import ModelConfig
+from internlm2_jax.model import abstract_params
+from internlm2_jax.sft.lora import IN_NDIM, OUT_NDIM, LoraConfig, QuantizedWeight, apply_lora, init_lora, quantize_int8
+from internlm2_jax.sharding import data_sharding, logical_to_sharding, replicated, validate
+from internlm2_jax.train.step import Batch, StepConfig, TrainState, loss_fn, mesh_context
+
+
+def _split_axes(name: str, axes: tuple) -> tuple[tuple, tuple, tuple]:
+    n_in, n_out = IN_NDIM[name], OUT_NDIM[name]
+    lead = len(axes) - n_in - n_out
+    return tuple(axes[:lead]), tuple(axes[lead:lead + n_in]), tuple(axes[lead + n_in:])
+
+
+def adapter_logical_axes(base_specs: Any, targets: tuple[str, ...]) -> dict:
+    """Logical `PartitionSpec`s of the adapters from the base params' specs (same tree as `init_lora`)."""
+    out = {}
+    for k, v in base_specs.items():
+        if isinstance(v, dict):
+            sub = adapter_logical_axes(v, targets)
+            if sub:
+                out[k] = sub
+        elif k in targets:
+            lead, ins, outs = _split_axes(k, tuple(v))
+            out[k] = {"a": P(*lead, ins[0], None), "b": P(*lead, None, *outs)}
+    return out
+
+
+def quantized_logical_axes(base_specs: Any, targets: tuple[str, ...]) -> Any:
+    """Specs of `quantize_int8(base)`: targets become `QuantizedWeight(q=spec, scale=spec with None on in dims)`."""
+    out = {}
+    for k, v in base_specs.items():
+        if isinstance(v, dict):
+            out[k] = quantized_logical_axes(v, targets)
+        elif k in targets:
+            lead, ins, outs = _split_axes(k, tuple(v))
+            out[k] = QuantizedWeight(q=v, scale=P(*lead, *([None] * len(ins)), *outs))
+        else:
+            out[k] = v
+    return out
+
+
+class LoraTrainer:
+    """Trains adapters on a frozen base; drop-in for `Trainer` inside `run_loop`.
+
+    `quantize="int8"` stores the target weights of the base as int8 (QLoRA); the others stay as given.
+    Call `set_base(params)` (plain or boxed full params) before `step`.
+    """
+
+    def __init__(self, config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, lora: LoraConfig,
+                 step_cfg: StepConfig = StepConfig(), lr_fn: Optional[Callable[[Any], Any]] = None,
+                 quantize: Optional[str] = None, seed: int = 0):
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        validate(config, mesh)
+        self.config, self.tx, self.mesh, self.lora, self.step_cfg = config, tx, mesh, lora, step_cfg
+        self.lr_fn, self.quantize, self.seed = lr_fn, quantize, seed
+        abstract = abstract_params(config)
+        base_specs = nn.get_partition_spec(abstract)
+        self._shapes = nn.meta.unbox(abstract)
+        self.adapter_specs = adapter_logical_axes(base_specs, lora.targets)
+        self.full_shardings = logical_to_sharding(base_specs, mesh)
+        self.base_shardings = (logical_to_sharding(quantized_logical_axes(base_specs, lora.targets), mesh)
+                               if quantize else self.full_shardings)
+        self.state_shardings = logical_to_sharding(
+            nn.get_partition_spec(jax.eval_shape(self._boxed_state, jax.random.key(0))), mesh)
+        self.base: Any = None
+        self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
+        self._step = jax.jit(self._step_fn, in_shardings=(self.state_shardings, self.base_shardings,
+                                                          data_sharding(mesh)),
+                             out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
+
+    # ---- state -------------------------------------------------------------------------------------
+    def _boxed_state(self, rng: jax.Array) -> TrainState:
+        ads = init_lora(self._shapes, self.lora, rng)
+        ads = jax.tree.map(lambda x, s: nn.LogicallyPartitioned(x, tuple(s)), ads, self.adapter_specs,
+                           is_leaf=lambda x: isinstance(x, P))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=ads, opt_state=self.tx.init(ads),
+                          skipped=jnp.zeros((), jnp.int32))
+
+    def _init_fn(self, rng: jax.Array) -> TrainState:
+        return nn.meta.unbox(self._boxed_state(rng))
+
+    def abstract_state(self) -> TrainState:
+        """Shapes/dtypes/shardings of the adapter state (what checkpoints hold)."""
+        shapes = jax.eval_shape(self._init_fn, jax.random.key(0))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_shardings)
+
+    def init_state(self, rng: jax.Array) -> TrainState:
+        """Fresh adapters (B = 0, so the model starts equal to the base) and optimizer state."""
+        with mesh_context(self.mesh):
+            return self._init(rng)
+
+    def set_base(self, params: Any) -> None:
+        """Places the frozen base on the mesh (quantizing its target weights for QLoRA)."""
+        params = jax.tree.map(lambda x, s: jax.device_put(x, s), nn.meta.unbox(params), self.full_shardings)
+        if self.quantize == "int8":
+            with mesh_context(self.mesh):
+                params = jax.jit(lambda p: quantize_int8(p, self.lora.targets), out_shardings=self.base_shardings)(
+                    params)
+        self.base = params
+
+    # ---- steps -------------------------------------------------------------------------------------
+    def _loss(self, adapters: Any, base: Any, batch: Batch, rng: Optional[jax.Array]) -> tuple[jax.Array, dict]:
+        merged = apply_lora(base, adapters, self.lora.alpha, self.lora.rank, dropout=self.lora.dropout, rng=rng)
+        return loss_fn(self.config, merged, batch, self.step_cfg)
+
+    def _grads(self, adapters: Any, base: Any, batch: Batch, rng: jax.Array) -> tuple[Any, dict]:
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        a = self.step_cfg.grad_accum
+        if a == 1:
+            (_, sums), grads = grad_fn(adapters, base, batch, rng)
+            return grads, sums
+        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // a, a, *x.shape[1:]).swapaxes(0, 1), batch)
+
+        def body(carry, xs):
+            g_acc, s_acc = carry
+            mb, i = xs
+            (_, sums), g = grad_fn(adapters, base, mb, jax.random.fold_in(rng, i))
+            return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, sums)), None
+
+        init = (jax.tree.map(jnp.zeros_like, adapters),
+                {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_loss_sum", "correct", "count")})
+        (grads, sums), _ = jax.lax.scan(body, init, (micro, jnp.arange(a)))
+        return grads, sums
+
+    def _step_fn(self, state: TrainState, base: Any, batch: Batch) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(jax.random.key(self.seed), state.step)
+        grads, sums = self._grads(state.params, base, batch, rng)
+        count = jnp.maximum(sums["count"], 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        loss, grad_norm = sums["loss_sum"] / count, optax.tree.norm(grads)
+        updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        pick = lambda new, old: jax.tree.map(lambda x, y: jnp.where(finite, x, y), new, old)
+        new_state = TrainState(step=state.step + finite.astype(jnp.int32),
+                               params=pick(optax.apply_updates(state.params, updates), state.params),
+                               opt_state=pick(new_opt, state.opt_state),
+                               skipped=jnp.where(finite, 0, state.skipped + 1))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": sums["count"], "accuracy": sums["correct"] / count,
+                   "finite": finite, "skipped": new_state.skipped}
+        if self.lr_fn is not None:
+            metrics["lr"] = jnp.asarray(self.lr_fn(state.step), jnp.float32)
+        return new_state, metrics
+
+    def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        """One optimizer step of the adapters on a global batch `[B, S]`."""
+        if self.base is None:
+            raise RuntimeError("LoraTrainer.set_base(params) must be called before step()")
+        with mesh_context(self.mesh):
+            return self._step(state, self.base, batch)
+
+    def eval_loss(self, adapters: Any, batch: Batch) -> dict:
+        """Metric sums (`loss_sum/count/correct`) of base + adapters on `batch`, no dropout."""
+        if not hasattr(self, "_eval"):
+            self._eval = jax.jit(lambda ad, b, x: self._loss(ad, b, x, None)[1],
+                                 in_shardings=(self.state_shardings.params, self.base_shardings,
+                                               data_sharding(self.mesh)),
+                                 out_shardings=replicated(self.mesh))
+        with mesh_context(self.mesh):
+            return self._eval(adapters, self.base, batch)
+
+    def merged_params(self, adapters: Any) -> Any:
+        """Plain full params `W + s·A@B` (int8 bases dequantized), sharded like the model's params."""
+        if not hasattr(self, "_merge"):
+            self._merge = jax.jit(lambda b, ad: apply_lora(b, ad, self.lora.alpha, self.lora.rank),
+                                  out_shardings=self.full_shardings)
+        with mesh_context(self.mesh):
+            return self._merge(self.base, adapters)
