@@ -1,4 +1,4 @@
-"""LoRA adapters on wqkv / wo / w1 / w2 / w3 with a frozen (optionally int8-quantized) base.
+"""LoRA adapters on wqkv / wo / w1 / w2 / w3 with a frozen (optionally int4 / int8-quantized) base.
 
 Adapters are a separate params tree mirroring the base tree down to each target weight, where the leaf
 is `{"a": [*lead, in, r], "b": [*lead, r, *out]}` (`lead` = the scanned layer axis, `in` = the flattened
@@ -13,6 +13,10 @@ Input / output dims per target (base shapes from `model.py`):
 one full-size weight per target per step (fine for small / medium models; a production path for big models
 would apply `x @ A @ B` inside the layers instead). LoRA dropout is applied to A's input rows (a dropped
 input feature for the whole batch, not per token) because the merged form has no per-token activations.
+
+QLoRA bases (`quantize.py`): `quantize_base(params, targets, bits)` with `LoraConfig.qlora_bits` = 4 (default,
+blockwise absmax int4 packed two per byte, `Int4Weight`; matches `train/memory.py`'s planner) or 8 (int8 per
+output channel, `QuantizedWeight`). `apply_lora` dequantizes them inside the loss.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,10 +31,10 @@ import numpy as np
 import optax
 
 from internlm2_jax.config import ModelConfig
+from internlm2_jax.sft.quantize import (IN_NDIM, INT4_BLOCK, OUT_NDIM, Int4Weight, QuantizedWeight,  # noqa: F401
+                                        _map_targets, _split, dequantize, is_quantized, quantize_base,
+                                        quantize_int4, quantize_int8)
 from internlm2_jax.train.step import StepConfig, loss_fn
-
-IN_NDIM = {"wqkv": 1, "wo": 2, "w1": 1, "w2": 1, "w3": 1}
-OUT_NDIM = {"wqkv": 3, "wo": 1, "w1": 1, "w2": 1, "w3": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,42 +43,18 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("wqkv", "wo", "w1", "w2", "w3")
+    qlora_bits: int = 4
+    """Base precision under QLoRA: 4 (blockwise absmax int4, `Int4Weight`) or 8 (int8, `QuantizedWeight`)."""
+    qlora_block: int = INT4_BLOCK
+    """Weights per int4 scale (along each target's last input dim)."""
+
+    def __post_init__(self):
+        if self.qlora_bits not in (4, 8):
+            raise ValueError(f"LoraConfig.qlora_bits must be 4 or 8, got {self.qlora_bits}")
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
-
-
-@flax.struct.dataclass
-class QuantizedWeight:
-    """int8 weight with per-output-channel fp32 absmax scales: `w ≈ q * scale`; scale has size-1 in dims."""
-
-    q: jax.Array
-    scale: jax.Array
-
-    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
-        return (self.q.astype(jnp.float32) * self.scale).astype(dtype)
-
-
-def _split(name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    n_out, n_in = OUT_NDIM[name], IN_NDIM[name]
-    lead = len(shape) - n_out - n_in
-    return shape[:lead], shape[lead:lead + n_in], shape[lead + n_in:]
-
-
-def _map_targets(tree: Any, targets: tuple[str, ...], fn: Callable[[str, Any], Any], keep_others: bool) -> Any:
-    """Rebuilds dict `tree`, applying `fn(name, leaf)` at target keys; drops other leaves unless `keep_others`."""
-    out = {}
-    for k, v in tree.items():
-        if k in targets and not isinstance(v, dict):
-            out[k] = fn(k, v)
-        elif isinstance(v, dict):
-            sub = _map_targets(v, targets, fn, keep_others)
-            if sub or keep_others:
-                out[k] = sub
-        elif keep_others:
-            out[k] = v
-    return out
 
 
 def init_lora(base_params: Any, cfg: LoraConfig, rng: jax.Array) -> dict:
@@ -84,7 +63,7 @@ def init_lora(base_params: Any, cfg: LoraConfig, rng: jax.Array) -> dict:
     counter = iter(range(1 << 30))
 
     def make(name, w):
-        shape = w.q.shape if isinstance(w, QuantizedWeight) else w.shape
+        shape = w.shape  # a QuantizedWeight / Int4Weight reports its unpacked shape
         lead, ins, outs = _split(name, shape)
         fan_in = int(np.prod(ins))
         a = jax.random.normal(jax.random.fold_in(rng, next(counter)), (*lead, fan_in, cfg.rank)) / np.sqrt(fan_in)
@@ -104,7 +83,7 @@ def lora_delta(name: str, w_shape: tuple[int, ...], ad: dict, scale: float,
 
 def apply_lora(base_params: Any, adapters: dict, alpha: float, rank: int, *, dropout: float = 0.0,
                rng: Optional[jax.Array] = None) -> Any:
-    """Merged params `W + (alpha/rank)·A@B` for adapted weights (int8 bases dequantized), others as is.
+    """Merged params `W + (alpha/rank)·A@B` for adapted weights (int4 / int8 bases dequantized), others as is.
 
     Differentiable in `adapters`; pass `rng` and `dropout > 0` for (row-wise) LoRA dropout in training.
     """
@@ -114,7 +93,7 @@ def apply_lora(base_params: Any, adapters: dict, alpha: float, rank: int, *, dro
         out = {}
         for k, v in tree.items():
             if k in ads and not isinstance(v, dict):
-                w = v.dequantize() if isinstance(v, QuantizedWeight) else v
+                w = dequantize(v)
                 mask = None
                 if dropout > 0.0 and rng is not None:
                     keep = jax.random.bernoulli(jax.random.fold_in(rng, next(counter)), 1.0 - dropout,
@@ -124,7 +103,7 @@ def apply_lora(base_params: Any, adapters: dict, alpha: float, rank: int, *, dro
             elif isinstance(v, dict):
                 out[k] = merge(v, ads.get(k, {}))
             else:
-                out[k] = v.dequantize() if isinstance(v, QuantizedWeight) else v
+                out[k] = dequantize(v)
         return out
 
     return merge(nn.meta.unbox(base_params), adapters)
@@ -135,23 +114,12 @@ def merge_lora(base_params: Any, adapters: dict, cfg: LoraConfig) -> Any:
     return jax.jit(lambda p, a: apply_lora(p, a, cfg.alpha, cfg.rank))(nn.meta.unbox(base_params), adapters)
 
 
-def quantize_int8(base_params: Any, targets: tuple[str, ...] = tuple(IN_NDIM)) -> Any:
-    """QLoRA-style memory saving: target weights → `QuantizedWeight` (int8, per-output-channel absmax)."""
-    def quant(name, w):
-        lead, ins, _ = _split(name, w.shape)
-        axes = tuple(range(len(lead), len(lead) + len(ins)))
-        scale = jnp.maximum(jnp.max(jnp.abs(w.astype(jnp.float32)), axis=axes, keepdims=True), 1e-12) / 127.0
-        return QuantizedWeight(jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale)
-
-    return _map_targets(nn.meta.unbox(base_params), targets, quant, keep_others=True)
-
-
 def make_lora_step(config: ModelConfig, tx: optax.GradientTransformation, cfg: LoraConfig,
                    step_cfg: StepConfig = StepConfig()) -> Callable:
     """Jitted `step(adapters, opt_state, base, batch, rng) -> (adapters, opt_state, metrics)`.
 
     Only the adapters are differentiated and updated (`tx` is initialised on the adapter tree:
-    `opt_state = tx.init(adapters)`), so the base — plain or int8 — is never touched. `batch` follows the
+    `opt_state = tx.init(adapters)`), so the base — plain, int8 or int4 — is never touched. `batch` follows the
     train step's layout (`tokens/segment_ids/positions/loss_mask [B, S]`).
     """
     def loss(adapters, base, batch, rng):

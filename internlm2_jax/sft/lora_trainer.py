@@ -2,14 +2,17 @@
 
 The state's `params` are the adapters only (`{"a": [*lead, in, r], "b": [*lead, r, *out]}` per target, see
 `lora.py`), so `run_loop` checkpoints adapters + optimizer state and nothing of the frozen base. The base
-(plain, or int8 `QuantizedWeight` for QLoRA) lives on the trainer, sharded by the model's logical rules,
-and is passed to the jitted step as a non-donated input. Adapter shardings follow their base weight:
+(plain, or int4 `Int4Weight` / int8 `QuantizedWeight` for QLoRA, see `quantize.py`) lives on the trainer,
+sharded by the model's logical rules, and is passed to the jitted step as a non-donated input (dequantized
+inside the loss). Adapter shardings follow their base weight:
 
     A [*lead, in, r]   logical (*lead_axes, first in-axis, None)
     B [*lead, r, *out] logical (*lead_axes, None, *out_axes)
 
 e.g. wqkv `(layers, embed, kv_heads, qkv_group, head_dim)` → A `(layers, embed, None)`,
 B `(layers, None, kv_heads, qkv_group, head_dim)`; A's flattened `in` dim is split like its first factor.
+Quantized bases: int8 q keeps the weight's axes, its scale None on the in dims; int4's packed q keeps the
+weight's axes (packed dim halved), its block scales None on the packed dim.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.model import abstract_params
-from internlm2_jax.sft.lora import IN_NDIM, OUT_NDIM, LoraConfig, QuantizedWeight, apply_lora, init_lora, quantize_int8
+from internlm2_jax.sft.lora import LoraConfig, apply_lora, init_lora
+from internlm2_jax.sft.quantize import IN_NDIM, OUT_NDIM, Int4Weight, QuantizedWeight, int4_axis, quantize_base
 from internlm2_jax.sharding import data_sharding, logical_to_sharding, replicated, validate
 from internlm2_jax.train.step import Batch, StepConfig, TrainState, loss_fn, mesh_context
 
@@ -49,15 +53,21 @@ def adapter_logical_axes(base_specs: Any, targets: tuple[str, ...]) -> dict:
     return out
 
 
-def quantized_logical_axes(base_specs: Any, targets: tuple[str, ...]) -> Any:
-    """Specs of `quantize_int8(base)`: targets become `QuantizedWeight(q=spec, scale=spec with None on in dims)`."""
+def quantized_logical_axes(base_specs: Any, targets: tuple[str, ...], bits: int = 8) -> Any:
+    """Specs of `quantize_base(base, targets, bits)`: targets become
+    bits=8: `QuantizedWeight(q=spec, scale=spec with None on the in dims)`;
+    bits=4: `Int4Weight(q=spec, scale=spec with None on the packed axis)`."""
     out = {}
     for k, v in base_specs.items():
         if isinstance(v, dict):
-            out[k] = quantized_logical_axes(v, targets)
+            out[k] = quantized_logical_axes(v, targets, bits)
         elif k in targets:
             lead, ins, outs = _split_axes(k, tuple(v))
-            out[k] = QuantizedWeight(q=v, scale=P(*lead, *([None] * len(ins)), *outs))
+            if bits == 4:
+                ax = int4_axis(k, len(v))
+                out[k] = Int4Weight(q=v, scale=P(*(None if i == ax else a for i, a in enumerate(v))), axis=ax)
+            else:
+                out[k] = QuantizedWeight(q=v, scale=P(*lead, *([None] * len(ins)), *outs))
         else:
             out[k] = v
     return out
@@ -66,15 +76,16 @@ def quantized_logical_axes(base_specs: Any, targets: tuple[str, ...]) -> Any:
 class LoraTrainer:
     """Trains adapters on a frozen base; drop-in for `Trainer` inside `run_loop`.
 
-    `quantize="int8"` stores the target weights of the base as int8 (QLoRA); the others stay as given.
-    Call `set_base(params)` (plain or boxed full params) before `step`.
+    `quantize="int4"` / `"int8"` stores the target weights of the base as blockwise int4 (`lora.qlora_block`
+    weights per bf16 scale) / per-channel int8 (QLoRA); the others stay as given. Call `set_base(params)`
+    (plain or boxed full params) before `step`.
     """
 
     def __init__(self, config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, lora: LoraConfig,
                  step_cfg: StepConfig = StepConfig(), lr_fn: Optional[Callable[[Any], Any]] = None,
                  quantize: Optional[str] = None, seed: int = 0):
-        if quantize not in (None, "int8"):
-            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        if quantize not in (None, "int4", "int8"):
+            raise ValueError(f"quantize must be None, 'int4' or 'int8', got {quantize!r}")
         validate(config, mesh)
         self.config, self.tx, self.mesh, self.lora, self.step_cfg = config, tx, mesh, lora, step_cfg
         self.lr_fn, self.quantize, self.seed = lr_fn, quantize, seed
@@ -83,7 +94,8 @@ class LoraTrainer:
         self._shapes = nn.meta.unbox(abstract)
         self.adapter_specs = adapter_logical_axes(base_specs, lora.targets)
         self.full_shardings = logical_to_sharding(base_specs, mesh)
-        self.base_shardings = (logical_to_sharding(quantized_logical_axes(base_specs, lora.targets), mesh)
+        self.bits = {None: None, "int4": 4, "int8": 8}[quantize]
+        self.base_shardings = (logical_to_sharding(quantized_logical_axes(base_specs, lora.targets, self.bits), mesh)
                                if quantize else self.full_shardings)
         self.state_shardings = logical_to_sharding(
             nn.get_partition_spec(jax.eval_shape(self._boxed_state, jax.random.key(0))), mesh)
@@ -118,10 +130,10 @@ class LoraTrainer:
     def set_base(self, params: Any) -> None:
         """Places the frozen base on the mesh (quantizing its target weights for QLoRA)."""
         params = jax.tree.map(lambda x, s: jax.device_put(x, s), nn.meta.unbox(params), self.full_shardings)
-        if self.quantize == "int8":
+        if self.bits is not None:
+            quant = lambda p: quantize_base(p, self.lora.targets, self.bits, self.lora.qlora_block)  # noqa: E731
             with mesh_context(self.mesh):
-                params = jax.jit(lambda p: quantize_int8(p, self.lora.targets), out_shardings=self.base_shardings)(
-                    params)
+                params = jax.jit(quant, out_shardings=self.base_shardings)(params)
         self.base = params
 
     # ---- steps -------------------------------------------------------------------------------------
@@ -185,7 +197,7 @@ class LoraTrainer:
             return self._eval(adapters, self.base, batch)
 
     def merged_params(self, adapters: Any) -> Any:
-        """Plain full params `W + s·A@B` (int8 bases dequantized), sharded like the model's params."""
+        """Plain full params `W + s·A@B` (int4 / int8 bases dequantized), sharded like the model's params."""
         if not hasattr(self, "_merge"):
             self._merge = jax.jit(lambda b, ad: apply_lora(b, ad, self.lora.alpha, self.lora.rank),
                                   out_shardings=self.full_shardings)

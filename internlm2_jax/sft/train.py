@@ -82,8 +82,8 @@ def _make_trainer(mode: str, model: ModelConfig, tx: optax.GradientTransformatio
                   lr_fn: Any, lora: LoraConfig, seed: int, init_from: Optional[str]):
     if mode == "full":
         return Trainer(model, tx, m, step_config, lr_fn=lr_fn)
-    trainer = LoraTrainer(model, tx, m, lora, step_config, lr_fn=lr_fn, quantize="int8" if mode == "qlora" else None,
-                          seed=seed)
+    trainer = LoraTrainer(model, tx, m, lora, step_config, lr_fn=lr_fn, seed=seed,
+                          quantize=f"int{lora.qlora_bits}" if mode == "qlora" else None)
     loader = Trainer(model, optax.set_to_zero(), m, step_config)  # reuses HF / Orbax / fresh loading
     trainer.set_base(initial_state(loader, init_from, seed).params)
     return trainer
@@ -122,7 +122,7 @@ def sft_train(
 ) -> dict[str, Any]:
     """Fine-tunes `model` on chat data in `workdir` (resuming if it holds checkpoints); returns the last metrics.
 
-    `mode`: "full" | "lora" | "qlora" (int8 base). `num_steps=None`: `epochs` passes over the packed rows;
+    `mode`: "full" | "lora" | "qlora" (int4|8 base). `num_steps=None`: `epochs` passes over the packed rows;
     the lr schedule always spans the run (`optimizer.total_steps := num_steps`, warm-up `warmup_ratio` of it
     unless None). `eval_every > 0`: held-out loss during training. At the end: greedy exact match on up to
     `eval_max_examples` held-out conversations (`eval_exact_match`), and `workdir/hf` (+ tokenizer) when
