@@ -23,8 +23,10 @@ def parse_args(description: str, default_gin: Optional[str] = None,
         args.gin = [os.path.join(CONFIG_DIR, default_gin)]
     if not args.gin:
         p.error("at least one --gin FILE is required")
-    if args.workdir is None:
-        args.workdir = os.path.join("runs", os.path.splitext(os.path.basename(args.gin[-1]))[0])
+    if args.workdir is None:  # runs/<config folder>_<config name>, e.g. runs/pretrain_tiny
+        folder = os.path.basename(os.path.dirname(os.path.abspath(args.gin[-1])))
+        stem = os.path.splitext(os.path.basename(args.gin[-1]))[0]
+        args.workdir = os.path.join("runs", stem if folder in ("", "configs") else f"{folder}_{stem}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,6 +1,6 @@
 """Evaluation: `python -m experiments.eval --gin experiments/configs/eval/tiny.gin [--workdir DIR]`.
 
-Writes `results.json`, `needle.png` and `scores.png` into the workdir (default runs/<config name>).
+Writes `results.json`, `needle.png` and `scores.png` into the workdir (default runs/eval_<config name>).
 Exit status 1 when a suite failed (its error is in results.json).
 """
 
