@@ -32,7 +32,7 @@ def online_rounds(workdir: str, base_data: Sequence[str] = ("toy:256",), rounds:
 
     def ppo_hook(k: int, rdir: str, rm_dir: str) -> str:
         out = os.path.join(rdir, "ppo")
-        train_ppo(out, reward="rm:" + os.path.join(rm_dir, "rm_params.msgpack"))
+        train_ppo(out, reward="rm:" + rm_dir)  # the RM workdir (Orbax checkpoint)
         return os.path.join(out, "rollouts.jsonl")
 
     hooks = RoundHooks(rm_hook, ppo_hook, lambda k: list((human_data or {}).get(k, [])))

@@ -1,8 +1,14 @@
-"""PPO / GRPO on the toy task: `python -m experiments.ppo --gin experiments/configs/rlhf/ppo_tiny.gin`.
+"""PPO / GRPO: `python -m experiments.ppo --gin experiments/configs/rlhf/ppo_tiny.gin`.
+
+Data: toy arithmetic prompts with the character tokenizer (default), or prompt JSONL files (`prompts`,
+records `{"prompt"|"messages", "category"}`) with a sentencepiece `tokenizer`. `actor_init`: an HF folder,
+an Orbax pretraining / SFT workdir, or `.msgpack`; `reward = 'rm:<path>'` takes an RM workdir (Orbax, from
+`experiments.reward_model`) or `rm_params.msgpack`. All models live on the `mesh`.
 
 Prints and logs (metrics.jsonl) per iteration: reward, KL, entropy, value loss, clip fraction, response
 length, rollout and training tokens/s and the generation / scoring / training time breakdown. The last
-iteration's rollouts go to `rollouts.jsonl` for the online fast-path scan (`experiments.online_rlhf`).
+iteration's rollouts go to `rollouts.jsonl` for the online fast-path scan (`experiments.online_rlhf`); the
+actor is saved as an Orbax checkpoint (`<workdir>/checkpoints/<iterations>`) and `actor_params.msgpack`.
 """
 
 from __future__ import annotations
@@ -11,21 +17,23 @@ import json
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import gin
 import jax
 import numpy as np
 
 from internlm2_jax.config import ModelConfig
-from internlm2_jax.model import init_params
+from internlm2_jax.rlhf.checkpoints import load_policy, load_reward, save_orbax
+from internlm2_jax.rlhf.mesh import actor_shardings, critic_shardings
 from internlm2_jax.rlhf.online import write_jsonl
-from internlm2_jax.rlhf.params_io import load_params, save_params
+from internlm2_jax.rlhf.params_io import save_params
 from internlm2_jax.rlhf.ppo_trainer import PPOConfig, PPOTrainer
-from internlm2_jax.rlhf.reward_model import init_reward_params
+from internlm2_jax.rlhf.prompts import default_reward_token_id, load_tokenizer, read_prompts, turn_end_ids
+from internlm2_jax.rlhf.reward_model import DEFAULT_CONDITIONS, init_policy, init_reward_params
 from internlm2_jax.rlhf.rollout import RewardModelScorer, make_prompt_items
-from internlm2_jax.rlhf.toy_tasks import (TOY_CONDITIONS, CharTokenizer, target_token_reward, toy_pretrain_batches,
-                                          toy_prompts)
+from internlm2_jax.rlhf.toy_tasks import TOY_CONDITIONS, target_token_reward, toy_pretrain_batches, toy_prompts
+from internlm2_jax.sharding import MeshConfig, make_mesh
 from internlm2_jax.train.metrics_log import MetricsLog
 from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
 
@@ -40,29 +48,43 @@ def _opt(lr: float):
 def train_ppo(workdir: str, model: ModelConfig = gin.REQUIRED, ppo: PPOConfig = PPOConfig(),
               iterations: int = 40, actor_lr: float = 1e-6, critic_lr: float = 5e-6, reward: str = "target:a",
               actor_init: Optional[str] = None, num_prompts: int = 256, pretrain_batch: int = 4,
-              seed: int = 0) -> dict[str, Any]:
-    """Runs `iterations` PPO/GRPO iterations on toy prompts.
+              prompts: Optional[Sequence[str]] = None, tokenizer: Optional[str] = None,
+              reward_token_id: Optional[int] = None, conditions: Optional[dict] = None,
+              mesh: MeshConfig = MeshConfig(), seed: int = 0) -> dict[str, Any]:
+    """Runs `iterations` PPO/GRPO iterations.
 
-    reward: `target:<char>` (fraction of response characters equal to it) or `rm:<rm_params.msgpack>`
-    (the conditional RM, fed each prompt's category as its system prompt). The critic starts from the RM
-    params when given one, else from the actor's backbone with a zero head.
+    reward: `target:<text>` (fraction of response tokens equal to the first token of `<text>`) or
+    `rm:<path>` (the conditional RM, fed each prompt's category as its system prompt; it scores
+    `prefix + response + <|im_end|>\\n + reward token` like its training data). The critic starts from the RM
+    when given one, else from the actor's backbone with a zero head. `tokenizer`: `None`/`'char'` (toy) or a
+    sentencepiece model; `reward_token_id` defaults to the tokenizer's (`default_reward_token_id`).
     """
-    tok = CharTokenizer()
-    actor = load_params(actor_init) if actor_init else init_params(model, jax.random.key(seed))
+    tok = load_tokenizer(tokenizer)
+    dev_mesh = make_mesh(mesh)
+    a_sh = actor_shardings(model, dev_mesh)
+    actor = load_policy(actor_init, model, a_sh) if actor_init else init_policy(model, jax.random.key(seed))
+    rid = default_reward_token_id(tok) if reward_token_id is None else int(reward_token_id)
     if reward.startswith("rm:"):
-        rm = load_params(reward[3:])
-        reward_fn = RewardModelScorer(model, rm, tok.reward_id, pad_id=tok.pad_id)
-        critic = rm
+        critic = load_reward(reward[3:], model, critic_shardings(model, dev_mesh))
+        reward_fn = RewardModelScorer(model, critic, rid, pad_id=tok.pad_id, end_ids=turn_end_ids(tok),
+                                      strip_ids=tok.stop_ids, mesh=dev_mesh)
     elif reward.startswith("target:"):
         target = tok.encode(reward[7:])[0]
         reward_fn = lambda items, responses: target_token_reward(responses, target)  # noqa: E731
         critic = init_reward_params(model, jax.random.key(seed + 1), backbone=actor)
     else:
-        raise ValueError(f"unknown reward {reward!r}; expected 'target:<char>' or 'rm:<path>'")
-    items = make_prompt_items(toy_prompts(num_prompts, tok, seed), tok, TOY_CONDITIONS)
-    pt = toy_pretrain_batches(tok, pretrain_batch, ppo.max_prompt_len + ppo.max_new_tokens, seed)
+        raise ValueError(f"unknown reward {reward!r}; expected 'target:<text>' or 'rm:<path>'")
+    if prompts:
+        records, conds = read_prompts(list(prompts)), conditions or DEFAULT_CONDITIONS
+    else:
+        records, conds = toy_prompts(num_prompts, tok, seed), conditions or TOY_CONDITIONS
+    items = [it for it in make_prompt_items(records, tok, conds) if len(it["tokens"]) <= ppo.max_prompt_len]
+    if len(items) < ppo.batch_size:
+        raise ValueError(f"only {len(items)} prompts fit max_prompt_len={ppo.max_prompt_len}; need {ppo.batch_size}")
+    pt = toy_pretrain_batches(tok, pretrain_batch, ppo.max_prompt_len + ppo.max_new_tokens, seed) \
+        if tokenizer in (None, "char") else None
     trainer = PPOTrainer(model, ppo, actor, critic, reward_fn, _opt(actor_lr), _opt(critic_lr),
-                         stop_ids=tok.stop_ids, pad_id=tok.pad_id, pretrain_iter=pt, seed=seed)
+                         stop_ids=tok.stop_ids, pad_id=tok.pad_id, pretrain_iter=pt, seed=seed, mesh=dev_mesh)
     log = MetricsLog(workdir, tensorboard=False)
     rng = np.random.default_rng(seed)
     n = ppo.batch_size
@@ -84,6 +106,7 @@ def train_ppo(workdir: str, model: ModelConfig = gin.REQUIRED, ppo: PPOConfig = 
          "response": tok.decode([t for t in r if t not in tok.stop_ids]), "reward": float(scores[i])}
         for i, r in enumerate(responses)])
     save_params(os.path.join(workdir, "actor_params.msgpack"), trainer.state.actor)
+    save_orbax(workdir, iterations, trainer.state.actor, meta={"kind": "actor", "final_reward": m["reward"]})
     return {"final_reward": m["reward"], "final_kl": m["kl"], "iterations": iterations}
 
 

@@ -1,8 +1,11 @@
 """Conditional reward model: `python -m experiments.reward_model --gin experiments/configs/rlhf/rm_tiny.gin`.
 
 Data: `toy:N` (generated pairs, character tokenizer) or JSONL preference files (see
-`internlm2_jax.rlhf.preference_data`) with a sentencepiece tokenizer. Writes `rm_params.msgpack` and
-`metrics.jsonl` (loss, accuracy, per-condition held-out accuracy) to the workdir.
+`internlm2_jax.rlhf.preference_data`) with a sentencepiece tokenizer. `init_from`: an HF folder, an Orbax
+pretraining / SFT workdir, or an RM (`.msgpack` / Orbax RM workdir). Params live on the `mesh` (default:
+all devices over `data`). Writes the RM as an Orbax checkpoint (`<workdir>/checkpoints/<step>`, readable by
+`experiments.ppo` as `reward = 'rm:<workdir>'`), `rm_params.msgpack`, and `metrics.jsonl` (loss, accuracy,
+per-condition held-out accuracy).
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import gin
 import jax
 
 from internlm2_jax.config import ModelConfig
-from internlm2_jax.rlhf.params_io import load_params, save_params
+from internlm2_jax.rlhf.checkpoints import load_reward, save_orbax
+from internlm2_jax.rlhf.params_io import save_params
 from internlm2_jax.rlhf.preference_data import pack_pairs, read_jsonl, tokenize_pairs
+from internlm2_jax.rlhf.prompts import default_reward_token_id
 from internlm2_jax.rlhf.reward_model import DEFAULT_CONDITIONS, init_reward_params
-from internlm2_jax.rlhf.rm_trainer import evaluate, rm_train_step
+from internlm2_jax.rlhf.rm_trainer import RMTrainer, evaluate
 from internlm2_jax.rlhf.toy_tasks import TOY_CONDITIONS, CharTokenizer, toy_preference_records
+from internlm2_jax.sharding import MeshConfig, make_mesh
 from internlm2_jax.train.metrics_log import MetricsLog
 from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
 
@@ -35,12 +41,13 @@ def load_preferences(data: Sequence[str], tokenizer: Optional[str], conditions: 
         records = [r for t in toy for r in toy_preference_records(int(t[4:]))]
         records += [r for path in files for r in read_jsonl(path)]
         return records, tok, conditions or TOY_CONDITIONS, tok.reward_id
-    from internlm2_jax.tokenizer import REWARD_TOKEN_ID, Tokenizer
+    from internlm2_jax.tokenizer import Tokenizer
 
     if tokenizer is None:
         raise ValueError("JSONL preference data needs train_rm.tokenizer (a sentencepiece model path)")
     records = [r for path in data for r in read_jsonl(path)]
-    return records, Tokenizer(tokenizer), conditions or DEFAULT_CONDITIONS, REWARD_TOKEN_ID
+    tok = Tokenizer(tokenizer)
+    return records, tok, conditions or DEFAULT_CONDITIONS, default_reward_token_id(tok)
 
 
 @gin.configurable
@@ -50,8 +57,11 @@ def train_rm(workdir: str, model: ModelConfig = gin.REQUIRED, data: Sequence[str
                  peak_lr=1e-5, end_lr_ratio=0.5, warmup_steps=0, weight_decay=0.01),
              token_budget: int = 16384, row_len: int = 2048, max_pairs: int = 512, epochs: int = 1,
              gamma: float = 2.0, barrier_weight: float = 0.02, eval_fraction: float = 0.1,
-             seed: int = 0) -> dict[str, Any]:
-    """Trains the RM for `epochs` over token-budget batches; returns the final held-out metrics."""
+             mesh: MeshConfig = MeshConfig(), seed: int = 0) -> dict[str, Any]:
+    """Trains the RM for `epochs` over token-budget batches; returns the final held-out metrics.
+
+    `reward_token_id` defaults to the tokenizer's (`internlm2_jax.rlhf.prompts.default_reward_token_id`).
+    """
     records, tok, conds, rid = load_preferences(list(data), tokenizer, conditions)
     rid = reward_token_id if reward_token_id is not None else rid
     names = sorted(conds)
@@ -61,14 +71,17 @@ def train_rm(workdir: str, model: ModelConfig = gin.REQUIRED, data: Sequence[str
     train, held = list(pack_pairs(pairs[n_eval:], **pack)), list(pack_pairs(pairs[:n_eval], **pack))
     steps = epochs * len(train)
     tx = make_optimizer(optimizer.__class__(**{**optimizer.__dict__, "total_steps": steps}))
-    backbone = load_params(init_from) if init_from else None
-    params = init_reward_params(model, jax.random.key(seed), backbone=backbone)
-    opt = tx.init(params)
+    trainer = RMTrainer(model, tx, make_mesh(mesh), gamma=gamma, barrier_weight=barrier_weight)
+    if init_from:
+        params = load_reward(init_from, model, trainer.param_shardings)
+    else:
+        params = trainer.place(init_reward_params(model, jax.random.key(seed)))
+    opt = trainer.init_opt(params)
     log = MetricsLog(workdir, tensorboard=False)
     step, t0 = 0, time.perf_counter()
     for _ in range(epochs):
         for b in train:
-            params, opt, m = rm_train_step(model, params, opt, b, tx=tx, gamma=gamma, barrier_weight=barrier_weight)
+            params, opt, m = jax.block_until_ready(trainer.step(params, opt, b))
             step += 1
             log.write(step, {**{k: float(v) for k, v in m.items()}, "tokens_per_s":
                              step * token_budget / (time.perf_counter() - t0)})
@@ -76,6 +89,8 @@ def train_rm(workdir: str, model: ModelConfig = gin.REQUIRED, data: Sequence[str
     log.write(step, {f"eval/{k}": v for k, v in result.items()})
     log.close()
     save_params(os.path.join(workdir, "rm_params.msgpack"), params)
+    save_orbax(workdir, step, params, meta={"kind": "reward_model", "reward_token_id": int(rid), **{
+        k: v for k, v in result.items() if isinstance(v, (int, float))}})
     return result
 
 

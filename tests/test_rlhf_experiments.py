@@ -18,9 +18,10 @@ def test_reward_model_then_ppo_against_it(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] >= 0.9
     assert ppo_exp.main(["--gin", os.path.join(CFG, "ppo_tiny.gin"), "--workdir", ppo_dir,
                          "--gin_param", "train_ppo.iterations = 3",
-                         "--gin_param", f"train_ppo.reward = 'rm:{rm_dir}/rm_params.msgpack'"]) == 0
+                         "--gin_param", f"train_ppo.reward = 'rm:{rm_dir}'"]) == 0  # the RM's Orbax workdir
     out = capsys.readouterr().out
     assert "gen" in out and "tok/s" in out
     rows = [json.loads(line) for line in open(os.path.join(ppo_dir, "metrics.jsonl"))]
     assert len(rows) == 3 and "time/generation" in rows[0]
     assert os.path.exists(os.path.join(ppo_dir, "rollouts.jsonl"))
+    assert os.path.isdir(os.path.join(ppo_dir, "checkpoints", "3"))  # the actor, as an Orbax checkpoint

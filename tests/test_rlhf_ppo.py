@@ -1,16 +1,16 @@
 """PPO / GRPO on a tiny model with a programmatic reward: reward rises, KL bounded, critic warm-up, ptx."""
 
+import functools
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from internlm2_jax import get_preset, init_params
-from internlm2_jax.rlhf.ppo_trainer import PPOConfig, PPOTrainer, actor_loss
-from internlm2_jax.rlhf.reward_model import init_reward_params
+from internlm2_jax import get_preset
+from internlm2_jax.rlhf.ppo_trainer import PPOConfig, PPOTrainer
+from internlm2_jax.rlhf.reward_model import init_policy, init_reward_params
 from internlm2_jax.rlhf.rollout import make_prompt_items
 from internlm2_jax.rlhf.toy_tasks import (TOY_CONDITIONS, CharTokenizer, target_token_reward, toy_pretrain_batches,
                                           toy_prompts)
@@ -23,23 +23,32 @@ TX = make_optimizer(OptimizerConfig(peak_lr=3e-3, warmup_steps=0, schedule="cons
 ITEMS = make_prompt_items(toy_prompts(64, TOK), TOK, TOY_CONDITIONS)
 
 
+PPO_KEYS = ("tokens", "action_mask", "old_logp", "ref_logp", "advantages", "returns", "old_values")
+
+
 def _reward(items, responses):
     return target_token_reward(responses, TARGET)
 
 
+@functools.lru_cache(maxsize=1)
+def _init():
+    """Initial actor / critic shared by every trainer (trainers copy them onto their mesh)."""
+    actor = init_policy(CFG, jax.random.key(0))
+    return actor, init_reward_params(CFG, jax.random.key(1), backbone=actor)
+
+
 def _trainer(**kw):
-    actor = init_params(CFG, jax.random.key(0))
-    critic = init_reward_params(CFG, jax.random.key(1), backbone=actor)
+    """PPO trainers built with the same model, optimizers and mesh share their compiled steps."""
+    actor, critic = _init()
     cfg = PPOConfig(**{**dict(batch_size=16, max_prompt_len=32, max_new_tokens=8, critic_warmup_iters=2,
                               ptx_coef=0.0, kl_coef=0.05, top_p=1.0), **kw})
     pt = toy_pretrain_batches(TOK, 4, 32) if cfg.ptx_coef > 0 else None
-    return PPOTrainer(CFG, cfg, actor, critic, _reward, TX, TX, stop_ids=TOK.stop_ids,
-                      pretrain_iter=pt)
+    return PPOTrainer(CFG, cfg, actor, critic, _reward, TX, TX, stop_ids=TOK.stop_ids, pretrain_iter=pt)
 
 
-def _run(tr, iters):
+def _run(tr, iters, start=0):
     hist = []
-    for i in range(iters):
+    for i in range(start, start + iters):
         n = tr.cfg.batch_size
         hist.append(tr.iterate([ITEMS[(i * n + j) % len(ITEMS)] for j in range(n)]))
     return hist
@@ -68,25 +77,45 @@ def test_reward_rises_with_bounded_kl(algo):
         assert np.isfinite(hist[-1]["value_loss"])
 
 
-def test_critic_warmup_freezes_actor():
+def test_ppo_reward_increases_over_a_few_iterations():
+    """Fast PPO check (same compiled steps as the warm-up test, so nearly free): a trivially learnable
+    reward (fraction of 'a') goes up within 16 cheap iterations (4 PPO epochs each)."""
+    tr = _trainer(critic_warmup_iters=1, ptx_coef=0.01, kl_coef=0.02, ppo_epochs=4)
+    hist = _run(tr, 16)
+    rewards = [h["reward"] for h in hist]
+    print("fast ppo reward curve", np.round(rewards, 3).tolist())
+    assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.2, rewards
+    assert np.isfinite(hist[-1]["value_loss"]) and np.isfinite(hist[-1]["kl"])
+
+
+@pytest.fixture(scope="module")
+def warm():
+    """A PPO trainer with critic warm-up 2 and ptx 0.5, run for 2 (frozen-actor) + 1 iterations."""
     tr = _trainer(critic_warmup_iters=2, ptx_coef=0.5)
-    actor0 = jax.tree.map(np.array, tr.state.actor)
-    critic0 = jax.tree.map(np.array, tr.state.critic)
-    hist = _run(tr, 2)
-    assert all(h["actor_frozen"] == 1.0 for h in hist)
-    assert _same(tr.state.actor, actor0), "actor changed during critic warm-up"
-    assert not _same(tr.state.critic, critic0), "critic did not train during warm-up"
-    hist = _run(tr, 1)
-    assert hist[0]["actor_frozen"] == 0.0 and hist[0]["pretrain_loss"] > 0
-    assert not _same(tr.state.actor, actor0)
+    actor0, critic0 = jax.tree.map(np.array, tr.state.actor), jax.tree.map(np.array, tr.state.critic)
+    frozen = _run(tr, 2)
+    snap = {"actor": jax.tree.map(np.array, tr.state.actor), "critic": jax.tree.map(np.array, tr.state.critic)}
+    return {"trainer": tr, "actor0": actor0, "critic0": critic0, "frozen": frozen, "snap": snap,
+            "after": _run(tr, 1, start=2)}
 
 
-def test_ptx_coefficient_adds_exactly_half_the_pretrain_loss():
-    tr = _trainer()
-    batch, _, _ = tr.rollout(ITEMS[:8])
-    pt = {k: jnp.asarray(v) for k, v in next(toy_pretrain_batches(TOK, 4, 32)).items()}
-    actor = nn.meta.unbox(tr.state.actor)
-    l0, m0 = actor_loss(CFG, actor, batch, pt, jnp.float32(0.0), jnp.float32(0.0), 0.2)
-    l5, m5 = actor_loss(CFG, actor, batch, pt, jnp.float32(0.5), jnp.float32(0.0), 0.2)
+def test_critic_warmup_freezes_actor(warm):
+    assert all(h["actor_frozen"] == 1.0 for h in warm["frozen"])
+    assert _same(warm["snap"]["actor"], warm["actor0"]), "actor changed during critic warm-up"
+    assert not _same(warm["snap"]["critic"], warm["critic0"]), "critic did not train during warm-up"
+    assert warm["after"][0]["actor_frozen"] == 0.0 and warm["after"][0]["pretrain_loss"] > 0
+    assert not _same(warm["trainer"].state.actor, warm["actor0"])
+
+
+def test_ptx_coefficient_adds_exactly_half_the_pretrain_loss(warm):
+    batch, _, _ = warm["trainer"].rollout(ITEMS[:16])
+    sub = {k: np.asarray(batch[k]) for k in PPO_KEYS}
+    pt = next(toy_pretrain_batches(TOK, 4, 32))
+    # Metrics are computed before the update, on fresh trainers holding the same initial actor.
+    m0, m5 = (jax.device_get(_trainer(ptx_coef=0.5).actor_update(sub, pt, {"ptx": jnp.float32(c),
+                                                                            "kl_loss": jnp.float32(0.0)}))
+              for c in (0.0, 0.5))
     assert float(m0["pretrain_loss"]) > 0
-    np.testing.assert_allclose(float(l5 - l0), 0.5 * float(m5["pretrain_loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m5["actor_loss"] - m0["actor_loss"]), 0.5 * float(m5["pretrain_loss"]),
+                               rtol=1e-5)
+    np.testing.assert_allclose(float(m5["policy_loss"]), float(m0["policy_loss"]), rtol=1e-6)

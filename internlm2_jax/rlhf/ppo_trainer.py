@@ -1,5 +1,7 @@
 """PPO / GRPO trainer: rollout → scoring → advantages → clipped updates, with critic warm-up and a
-pretraining (ptx) loss on the actor. Single device (jit); a data mesh can wrap the calls."""
+pretraining (ptx) loss on the actor. All four models live on a `jax.sharding.Mesh` (default: one device):
+params and optimizer states carry the shardings of `internlm2_jax.rlhf.mesh`, and the update steps are
+jitted with explicit `in_shardings` / `out_shardings` (batches split over data × fsdp)."""
 
 from __future__ import annotations
 
@@ -8,21 +10,22 @@ import functools
 import time
 from typing import Any, Iterator, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.model import hidden_states
 from internlm2_jax.rlhf import grpo
 from internlm2_jax.rlhf.gae import gae
-from internlm2_jax.rlhf.ppo import (kl_estimate, masked_mean, policy_loss, token_rewards, value_loss,
-                                    whiten)
-from internlm2_jax.rlhf.rollout import (PromptItem, RewardFn, assemble, critic_values, policy_logprobs,
-                                        rollout_stats)
+from internlm2_jax.rlhf.mesh import (actor_shardings, batch_spec, critic_shardings, default_mesh, mesh_context,
+                                     opt_shardings, place, put_batch)
+from internlm2_jax.rlhf.ppo import kl_estimate, masked_mean, policy_loss, token_rewards, value_loss, whiten
+from internlm2_jax.rlhf.rollout import PromptItem, RewardFn, assemble, critic_values, policy_logprobs, rollout_stats
 from internlm2_jax.sft.generate import generate
+from internlm2_jax.sharding import replicated
 from internlm2_jax.train.loss import chunked_cross_entropy, next_token_targets
 
 Params = Any
@@ -51,6 +54,7 @@ class PPOConfig:
     critic_warmup_iters: int = 50     # first iterations update only the critic (actor frozen)
     ptx_coef: float = 0.5             # weight of the next-token loss on pretraining batches
     whiten_advantages: bool = True
+    logprob_chunk: int = 128          # positions per log-prob chunk (0: full [B, L, V] logits)
 
 
 def pretrain_loss(config: ModelConfig, actor: Params, pt: dict[str, jax.Array]) -> jax.Array:
@@ -61,10 +65,11 @@ def pretrain_loss(config: ModelConfig, actor: Params, pt: dict[str, jax.Array]) 
 
 
 def actor_loss(config: ModelConfig, actor: Params, batch: dict[str, jax.Array], pt: Optional[dict[str, jax.Array]],
-               ptx_coef: jax.Array, kl_loss_coef: jax.Array, clip: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+               ptx_coef: jax.Array, kl_loss_coef: jax.Array, clip: float,
+               chunk: int = 128) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`policy_loss + kl_loss_coef·KL_k3(π‖π_ref) + ptx_coef·pretrain_loss` (KL term: GRPO only)."""
     mask = batch["action_mask"]
-    logp, entropy = policy_logprobs(config, actor, batch["tokens"])
+    logp, entropy = policy_logprobs(config, actor, batch["tokens"], chunk)
     pg, metrics = policy_loss(logp, batch["old_logp"], batch["advantages"], mask, clip)
     kl_term = masked_mean(kl_estimate(logp, batch["ref_logp"], "k3"), mask)
     ptx = pretrain_loss(config, actor, pt) if pt is not None else jnp.zeros((), jnp.float32)
@@ -80,17 +85,18 @@ def critic_loss(config: ModelConfig, critic: Params, batch: dict[str, jax.Array]
     return value_loss(values, batch["old_values"], batch["returns"], batch["action_mask"], clip)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "tx", "clip"), donate_argnums=(1, 2))
-def actor_step(config, actor, opt_state, batch, pt, coefs, *, tx, clip):
+def actor_step(config: ModelConfig, actor: Params, opt_state: Any, batch: dict[str, jax.Array],
+               pt: Optional[dict[str, jax.Array]], coefs: dict[str, jax.Array], *, tx: optax.GradientTransformation,
+               clip: float, chunk: int = 128) -> tuple[Params, Any, dict[str, jax.Array]]:
     """One actor optimizer step; `coefs = {"ptx": ..., "kl_loss": ...}` are traced scalars."""
     grads, metrics = jax.grad(
-        lambda p: actor_loss(config, p, batch, pt, coefs["ptx"], coefs["kl_loss"], clip), has_aux=True)(actor)
+        lambda p: actor_loss(config, p, batch, pt, coefs["ptx"], coefs["kl_loss"], clip, chunk), has_aux=True)(actor)
     updates, opt_state = tx.update(grads, opt_state, actor)
     return optax.apply_updates(actor, updates), opt_state, {**metrics, "actor_grad_norm": optax.tree.norm(grads)}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "tx", "clip"), donate_argnums=(1, 2))
-def critic_step(config, critic, opt_state, batch, *, tx, clip):
+def critic_step(config: ModelConfig, critic: Params, opt_state: Any, batch: dict[str, jax.Array], *,
+                tx: optax.GradientTransformation, clip: float) -> tuple[Params, Any, dict[str, jax.Array]]:
     """One critic optimizer step on the clipped value loss."""
     grads, metrics = jax.grad(lambda p: critic_loss(config, p, batch, clip), has_aux=True)(critic)
     updates, opt_state = tx.update(grads, opt_state, critic)
@@ -112,6 +118,30 @@ def compute_advantages(cfg: PPOConfig, stats: dict[str, jax.Array], scores: jax.
     return {"advantages": adv, "returns": returns, "kl": kl}
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(model: ModelConfig, actor_tx: optax.GradientTransformation,
+              critic_tx: Optional[optax.GradientTransformation], clip: float, value_clip: float, chunk: int,
+              mesh: Mesh) -> dict[str, Any]:
+    """Shardings and jitted steps for one (model, optimizers, mesh): shared by every trainer built with
+    them, so tests and restarts compile once. Batches `[B, T]` are split over data × fsdp."""
+    a_sh, rep, data = actor_shardings(model, mesh), replicated(mesh), batch_spec(mesh, 2)
+    ao_sh = opt_shardings(model, actor_tx, mesh)
+    out: dict[str, Any] = {"actor": a_sh, "actor_init": jax.jit(actor_tx.init, out_shardings=ao_sh)}
+    out["actor_step"] = jax.jit(functools.partial(actor_step, model, tx=actor_tx, clip=clip, chunk=chunk),
+                                in_shardings=(a_sh, ao_sh, data, data, rep), out_shardings=(a_sh, ao_sh, rep),
+                                donate_argnums=(0, 1))
+    c_sh = None
+    if critic_tx is not None:
+        c_sh, co_sh = critic_shardings(model, mesh), opt_shardings(model, critic_tx, mesh, critic=True)
+        out.update(critic=c_sh, critic_init=jax.jit(critic_tx.init, out_shardings=co_sh))
+        out["critic_step"] = jax.jit(functools.partial(critic_step, model, tx=critic_tx, clip=value_clip),
+                                     in_shardings=(c_sh, co_sh, data), out_shardings=(c_sh, co_sh, rep),
+                                     donate_argnums=(0, 1))
+    out["stats"] = jax.jit(functools.partial(rollout_stats, model, chunk=chunk), in_shardings=(a_sh, a_sh, c_sh, data),
+                           out_shardings=data)
+    return out
+
+
 @dataclasses.dataclass
 class PPOState:
     """Trainable actor/critic (critic None for GRPO), frozen reference, optimizer states, counters."""
@@ -128,28 +158,51 @@ class PPOTrainer:
     """Runs iterations of rollout → score → advantages → updates; returns per-iteration metrics.
 
     The sampler sees the full vocabulary (no `vocab_limit`), so the sampling distribution is exactly the
-    one whose log-probs the losses use; give the model the tokenizer's vocabulary size.
+    one whose log-probs the losses use; give the model the tokenizer's vocabulary size. Actor, reference
+    and critic (plain or boxed params, numpy or jax leaves) are placed on `mesh` (default: one device).
     """
 
     def __init__(self, model: ModelConfig, cfg: PPOConfig, actor: Params, critic: Optional[Params],
                  reward_fn: RewardFn, actor_tx: optax.GradientTransformation,
                  critic_tx: Optional[optax.GradientTransformation] = None, *, stop_ids: Sequence[int] = (2,),
-                 pad_id: int = 0,
-                 pretrain_iter: Optional[Iterator[dict[str, np.ndarray]]] = None, seed: int = 0):
+                 pad_id: int = 0, pretrain_iter: Optional[Iterator[dict[str, np.ndarray]]] = None, seed: int = 0,
+                 mesh: Optional[Mesh] = None):
         if cfg.algo not in ("ppo", "grpo"):
             raise ValueError(f"unknown algo {cfg.algo!r}; expected 'ppo' or 'grpo'")
         if cfg.algo == "ppo" and (critic is None or critic_tx is None):
             raise ValueError("PPO needs a critic (e.g. initialized from the RM) and a critic optimizer")
-        actor = nn.meta.unbox(actor)
-        ref = jax.tree.map(jnp.copy, actor)  # frozen reference = initial actor
-        critic = None if cfg.algo == "grpo" else jax.tree.map(jnp.copy, nn.meta.unbox(critic))
         self.model, self.cfg, self.reward_fn = model, cfg, reward_fn
         self.actor_tx, self.critic_tx = actor_tx, critic_tx
         self.stop_ids, self.pad_id = tuple(stop_ids), pad_id
         self.pretrain_iter = pretrain_iter
-        self.state = PPOState(actor, ref, critic, actor_tx.init(actor),
-                              critic_tx.init(critic) if critic is not None else None)
+        self.mesh = mesh if mesh is not None else default_mesh()
+        j = _compiled(model, actor_tx, critic_tx if cfg.algo == "ppo" else None, cfg.clip, cfg.value_clip,
+                      cfg.logprob_chunk, self.mesh)
+        self._actor_step, self._critic_step, self._stats = j["actor_step"], j.get("critic_step"), j["stats"]
+        wd = model.weight_dtype
+        actor_p, ref = place(actor, j["actor"], wd), place(actor, j["actor"], wd)  # separate buffers: ref frozen
+        critic_p = place(critic, j["critic"], wd) if cfg.algo == "ppo" else None
+        with mesh_context(self.mesh):
+            actor_opt = j["actor_init"](actor_p)
+            critic_opt = j["critic_init"](critic_p) if critic_p is not None else None
+        self.state = PPOState(actor_p, ref, critic_p, actor_opt, critic_opt)
         self.rng = jax.random.key(seed)
+
+    def actor_update(self, batch: dict[str, jax.Array], pt: Optional[dict[str, jax.Array]],
+                     coefs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """One sharded actor step on a minibatch (`[B, T]` arrays); updates the state, returns metrics."""
+        st = self.state
+        batch, pt = put_batch(self.mesh, batch), None if pt is None else put_batch(self.mesh, pt)
+        with mesh_context(self.mesh):
+            st.actor, st.actor_opt, m = self._actor_step(st.actor, st.actor_opt, batch, pt, coefs)
+        return m
+
+    def critic_update(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """One sharded critic step on a minibatch; updates the state, returns metrics."""
+        st = self.state
+        with mesh_context(self.mesh):
+            st.critic, st.critic_opt, m = self._critic_step(st.critic, st.critic_opt, put_batch(self.mesh, batch))
+        return m
 
     def rollout(self, items: Sequence[PromptItem]) -> tuple[dict[str, Any], list[list[int]], dict[str, float]]:
         """Samples responses, scores them and computes old log-probs/values and advantages."""
@@ -158,18 +211,20 @@ class PPOTrainer:
             items = [it for it in items for _ in range(cfg.group_size)]
         self.rng, sub = jax.random.split(self.rng)
         t0 = time.perf_counter()
-        responses = generate(self.model, st.actor, [it["tokens"] for it in items], max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=self.stop_ids,
-                             rng=sub, pad_id=self.pad_id)
+        with mesh_context(self.mesh):
+            responses = generate(self.model, st.actor, [it["tokens"] for it in items],
+                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 top_k=cfg.top_k, stop_ids=self.stop_ids, rng=sub, pad_id=self.pad_id)
         t1 = time.perf_counter()
         scores = np.asarray(self.reward_fn(items, responses), np.float32)
         batch = assemble([it["tokens"] for it in items], responses, cfg.max_prompt_len + cfg.max_new_tokens,
                          self.pad_id)
-        stats = rollout_stats(self.model, st.actor, st.ref, st.critic, jnp.asarray(batch["tokens"]))
-        mask = jnp.asarray(batch["action_mask"])
-        batch = {**{k: jnp.asarray(v) for k, v in batch.items()}, **stats,
-                 **compute_advantages(cfg, stats, jnp.asarray(scores), mask)}
-        jax.block_until_ready(batch)
+        with mesh_context(self.mesh):
+            stats = self._stats(st.actor, st.ref, st.critic, batch["tokens"])
+            mask = jnp.asarray(batch["action_mask"])
+            batch = {**{k: jnp.asarray(v) for k, v in batch.items()}, **stats,
+                     **compute_advantages(cfg, stats, jnp.asarray(scores), mask)}
+            jax.block_until_ready(batch)
         t2 = time.perf_counter()
         n_tok = int(sum(len(r) for r in responses))
         timing = {"time/generation": t1 - t0, "time/scoring": t2 - t1, "rollout_tokens": n_tok,
@@ -191,18 +246,14 @@ class PPOTrainer:
             perm = np.asarray(jax.random.permutation(sub, n))
             for k in range(cfg.num_minibatches):
                 idx = perm[k * mb:(k + 1) * mb]
-                sub_batch = {key: batch[key][idx] for key in keys}
+                sub_batch = {key: np.asarray(batch[key])[idx] for key in keys}
                 if st.critic is not None:
-                    st.critic, st.critic_opt, m = critic_step(self.model, st.critic, st.critic_opt, sub_batch,
-                                                              tx=self.critic_tx, clip=cfg.value_clip)
-                    metrics.update(m)
+                    metrics.update(jax.block_until_ready(self.critic_update(sub_batch)))
                 if train_actor:
                     pt = None
                     if self.pretrain_iter is not None and cfg.ptx_coef > 0:
                         pt = {k2: jnp.asarray(v) for k2, v in next(self.pretrain_iter).items()}
-                    st.actor, st.actor_opt, m = actor_step(self.model, st.actor, st.actor_opt, sub_batch, pt, coefs,
-                                                           tx=self.actor_tx, clip=cfg.clip)
-                    metrics.update(m)
+                    metrics.update(jax.block_until_ready(self.actor_update(sub_batch, pt, coefs)))
         jax.block_until_ready((st.actor, st.critic))
         metrics["actor_frozen"] = float(not train_actor)
         return {k: float(v) for k, v in metrics.items()}

@@ -36,15 +36,35 @@ def condition_prompt(condition: Optional[str], conditions: Mapping[str, str]) ->
     return conditions[condition]
 
 
-def init_reward_params(config: ModelConfig, rng: jax.Array, backbone: Optional[Any] = None) -> Params:
+_init_jit = jax.jit(init_params, static_argnums=0)
+
+
+def init_policy(config: ModelConfig, rng: jax.Array) -> Params:
+    """`internlm2_jax.init_params` under `jax.jit` (boxed leaves): compiled once per config and process,
+    much faster than tracing the model op by op for every fresh model."""
+    return _init_jit(config, rng)
+
+
+V_HEAD_AXES = ("embed", None)  # logical axes of `v_head [D, 1]`: shards with the backbone's embed (fsdp)
+
+
+def init_reward_params(config: ModelConfig, rng: jax.Array, backbone: Optional[Any] = None, *,
+                       boxed: bool = False) -> Params:
     """Fresh RM params; `backbone` (e.g. SFT params, boxed or plain) replaces the random backbone.
 
-    The `v_head` starts at zero so initial scores are 0 (inside the barrier, no initial bias).
+    The `v_head [D, 1]` starts at zero so initial scores are 0 (inside the barrier, no initial bias).
+    `boxed=True` returns `nn.LogicallyPartitioned` leaves (backbone axes from the model, `v_head`
+    `V_HEAD_AXES`) for `nn.get_partition_spec` → mesh shardings; a random backbone is then used, so
+    call it under `jax.eval_shape` for shardings and place a given backbone with them.
     """
-    if backbone is None:
-        backbone = init_params(config, rng)
-    backbone = {k: v for k, v in nn.meta.unbox(backbone).items() if k != "output"}
     v_head = jnp.zeros((config.hidden_size, 1), config.weight_dtype)
+    if boxed:
+        full = init_policy(config, rng) if backbone is None else backbone
+        return {"backbone": {k: v for k, v in full.items() if k != "output"},
+                "v_head": nn.LogicallyPartitioned(v_head, V_HEAD_AXES)}
+    if backbone is None:
+        backbone = init_policy(config, rng)
+    backbone = {k: v for k, v in nn.meta.unbox(backbone).items() if k != "output"}
     return {"backbone": backbone, "v_head": v_head}
 
 

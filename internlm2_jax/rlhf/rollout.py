@@ -7,7 +7,6 @@ tokens[<t]) (from the logits at t − 1) and `values[:, t]` is V(tokens[<t]) (th
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from internlm2_jax.config import ModelConfig
-from internlm2_jax.model import forward
+from internlm2_jax.rlhf.logprobs import policy_logprobs, shift_right
 from internlm2_jax.rlhf.preference_data import ChatEncoder, conditioned
 from internlm2_jax.rlhf.reward_model import Params, score, token_values
 
@@ -50,35 +49,16 @@ def assemble(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]
     return {"tokens": tokens, "action_mask": mask}
 
 
-def shift_right(x: jax.Array) -> jax.Array:
-    """`[B, T, ...]` → value at t−1 placed at t (zeros at t = 0)."""
-    return jnp.pad(x[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))
-
-
-def token_logprobs(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Action-aligned log-probs and entropies `[B, T]` from logits `[B, T, V]` of the same sequence."""
-    logp_all = jax.nn.log_softmax(shift_right(logits).astype(jnp.float32), axis=-1)
-    logp = jnp.take_along_axis(logp_all, tokens[..., None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    return logp, entropy
-
-
-def policy_logprobs(config: ModelConfig, params: Params, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(logp, entropy) `[B, T]` of `tokens` under the policy `params` (action-aligned)."""
-    return token_logprobs(forward(config, params, tokens), tokens)
-
-
 def critic_values(config: ModelConfig, critic: Params, tokens: jax.Array) -> jax.Array:
     """Action-aligned values `[B, T]`: V(tokens[<t]) from the critic's head at t − 1."""
     return shift_right(token_values(config, critic, tokens))
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def rollout_stats(config: ModelConfig, actor: Params, ref: Params, critic: Optional[Params],
-                  tokens: jax.Array) -> dict[str, jax.Array]:
+def rollout_stats(config: ModelConfig, actor: Params, ref: Params, critic: Optional[Params], tokens: jax.Array,
+                  chunk: int = 128) -> dict[str, jax.Array]:
     """Old log-probs, reference log-probs and (if a critic is given) old values, all `[B, T]`."""
-    logp, _ = policy_logprobs(config, actor, tokens)
-    ref_logp, _ = policy_logprobs(config, ref, tokens)
+    logp, _ = policy_logprobs(config, actor, tokens, chunk)
+    ref_logp, _ = policy_logprobs(config, ref, tokens, chunk)
     out = {"old_logp": logp, "ref_logp": ref_logp}
     if critic is not None:
         out["old_values"] = critic_values(config, critic, tokens)
@@ -89,21 +69,38 @@ _score_jit = jax.jit(score, static_argnames=("config",))
 
 
 class RewardModelScorer:
-    """Reward function backed by a (frozen) conditional RM: scores `rm_prefix + response + [reward_id]`.
+    """Reward function backed by a (frozen) conditional RM.
 
-    The RM prefix carries the prompt's category as the system prompt (see `make_prompt_items`). Sequences
-    are padded to a multiple of `bucket` so a few compilations cover all lengths.
+    Scores `rm_prefix + response + end_ids + [reward_id]`, where trailing `strip_ids` (the sampler's stop
+    ids) are removed from the response and `end_ids` re-closes the turn exactly as the RM's training data
+    renders it (`<|im_end|>` + the ids of `"\\n"`; see `internlm2_jax.rlhf.prompts.turn_end_ids`). The RM
+    prefix carries the prompt's category as the system prompt (see `make_prompt_items`). Sequences are
+    padded to a multiple of `bucket` so a few compilations cover all lengths. Runs under `mesh` if given.
     """
 
     def __init__(self, config: ModelConfig, params: Params, reward_token_id: int, pad_id: int = 0,
-                 bucket: int = 64):
+                 bucket: int = 64, *, end_ids: Sequence[int] = (), strip_ids: Sequence[int] = (),
+                 mesh: Any = None):
         self.config, self.params, self.reward_id, self.pad_id, self.bucket = config, params, reward_token_id, pad_id, bucket
+        self.end_ids, self.strip_ids, self.mesh = list(end_ids), set(int(i) for i in strip_ids), mesh
+
+    def sequence(self, item: PromptItem, response: Sequence[int]) -> list[int]:
+        """The token ids the RM scores for one response."""
+        r = list(response)
+        while r and int(r[-1]) in self.strip_ids:
+            r.pop()
+        return list(item["rm_prefix"]) + r + self.end_ids + [self.reward_id]
 
     def __call__(self, items: Sequence[PromptItem], responses: Sequence[Sequence[int]]) -> np.ndarray:
-        seqs = [list(it["rm_prefix"]) + list(r) + [self.reward_id] for it, r in zip(items, responses)]
+        seqs = [self.sequence(it, r) for it, r in zip(items, responses)]
         length = -(-max(len(s) for s in seqs) // self.bucket) * self.bucket
         tokens = np.full((len(seqs), length), self.pad_id, np.int32)
         for i, s in enumerate(seqs):
             tokens[i, : len(s)] = s
         lengths = np.array([len(s) for s in seqs], np.int32)
-        return np.asarray(_score_jit(self.config, self.params, jnp.asarray(tokens), jnp.asarray(lengths)))
+        if self.mesh is None:
+            return np.asarray(_score_jit(self.config, self.params, jnp.asarray(tokens), jnp.asarray(lengths)))
+        from internlm2_jax.rlhf.mesh import mesh_context
+
+        with mesh_context(self.mesh):
+            return np.asarray(_score_jit(self.config, self.params, jnp.asarray(tokens), jnp.asarray(lengths)))
