@@ -54,9 +54,10 @@ for name, mc in meshes.items():
         assert abs(loss - ref[0]) <= 1e-5 * abs(ref[0]), (name, loss, ref[0])
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref[1])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max(), err_msg=name)
-    state, metrics = trainer.step(state, batch)
-    jax.block_until_ready(metrics)
-    assert abs(float(metrics["loss"]) - ref[0]) <= 1e-5 * ref[0], name
+    if name in ("single", "d2f2t2"):  # the full jitted step (donation, optimizer) on a mixed mesh too
+        state, metrics = trainer.step(state, batch)
+        jax.block_until_ready(metrics)
+        assert abs(float(metrics["loss"]) - ref[0]) <= 1e-5 * ref[0], name
     print(name, "ok", loss, flush=True)
 
 # Bad meshes fail with one clear message.
