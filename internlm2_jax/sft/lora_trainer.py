@@ -30,7 +30,7 @@ from internlm2_jax.model import abstract_params
 from internlm2_jax.sft.lora import LoraConfig, apply_lora, init_lora
 from internlm2_jax.sft.quantize import IN_NDIM, OUT_NDIM, Int4Weight, QuantizedWeight, int4_axis, quantize_base
 from internlm2_jax.sharding import data_sharding, logical_to_sharding, replicated, validate
-from internlm2_jax.train.step import Batch, StepConfig, TrainState, loss_fn, mesh_context
+from internlm2_jax.train.step import Batch, ShardedState, StepConfig, TrainState, loss_fn, mesh_context
 
 
 def _split_axes(name: str, axes: tuple) -> tuple[tuple, tuple, tuple]:
@@ -73,7 +73,7 @@ def quantized_logical_axes(base_specs: Any, targets: tuple[str, ...], bits: int 
     return out
 
 
-class LoraTrainer:
+class LoraTrainer(ShardedState):
     """Trains adapters on a frozen base; drop-in for `Trainer` inside `run_loop`.
 
     `quantize="int4"` / `"int8"` stores the target weights of the base as blockwise int4 (`lora.qlora_block`
@@ -97,10 +97,8 @@ class LoraTrainer:
         self.bits = {None: None, "int4": 4, "int8": 8}[quantize]
         self.base_shardings = (logical_to_sharding(quantized_logical_axes(base_specs, lora.targets, self.bits), mesh)
                                if quantize else self.full_shardings)
-        self.state_shardings = logical_to_sharding(
-            nn.get_partition_spec(jax.eval_shape(self._boxed_state, jax.random.key(0))), mesh)
+        self._setup_state()
         self.base: Any = None
-        self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
         self._step = jax.jit(self._step_fn, in_shardings=(self.state_shardings, self.base_shardings,
                                                           data_sharding(mesh)),
                              out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
@@ -112,20 +110,6 @@ class LoraTrainer:
                            is_leaf=lambda x: isinstance(x, P))
         return TrainState(step=jnp.zeros((), jnp.int32), params=ads, opt_state=self.tx.init(ads),
                           skipped=jnp.zeros((), jnp.int32))
-
-    def _init_fn(self, rng: jax.Array) -> TrainState:
-        return nn.meta.unbox(self._boxed_state(rng))
-
-    def abstract_state(self) -> TrainState:
-        """Shapes/dtypes/shardings of the adapter state (what checkpoints hold)."""
-        shapes = jax.eval_shape(self._init_fn, jax.random.key(0))
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, self.state_shardings)
-
-    def init_state(self, rng: jax.Array) -> TrainState:
-        """Fresh adapters (B = 0, so the model starts equal to the base) and optimizer state."""
-        with mesh_context(self.mesh):
-            return self._init(rng)
 
     def set_base(self, params: Any) -> None:
         """Places the frozen base on the mesh (quantizing its target weights for QLoRA)."""

@@ -31,7 +31,7 @@ from internlm2_jax.sharding import MeshConfig, host_local_to_global, make_mesh, 
 from internlm2_jax.tokenizer import Tokenizer
 from internlm2_jax.train.metrics_log import MetricsLog
 from internlm2_jax.train.optimizer import OptimizerConfig, lr_schedule, make_optimizer
-from internlm2_jax.train.runner import LoopConfig, initial_state, run_loop
+from internlm2_jax.train.runner import LoopConfig, initial_state, restore_or_init, run_loop
 from internlm2_jax.train.step import StepConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -153,13 +153,8 @@ def sft_train(
                             init_from)
     train_it = make_train_iterator(examples, data_config, seed=seed, pad_id=tok.pad_id)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), checkpoint)
-    restored = ckpt.restore(trainer.abstract_state(), data_iter=train_it)
-    if restored is not None:
-        start, state, _ = restored
-        log.info("resumed from step %d in %s", start, workdir)
-    else:
-        start = 0
-        state = trainer.init_state(jax.random.key(seed)) if mode != "full" else initial_state(trainer, init_from, seed)
+    start, state = restore_or_init(trainer, ckpt, train_it, lambda: (
+        trainer.init_state(jax.random.key(seed)) if mode != "full" else initial_state(trainer, init_from, seed)))
 
     evaluate = None
     if eval_every and held:

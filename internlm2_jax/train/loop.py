@@ -18,7 +18,8 @@ from internlm2_jax.sharding import MeshConfig, host_local_to_global, make_mesh, 
 from internlm2_jax.tokenizer import Tokenizer
 from internlm2_jax.train.metrics_log import MetricsLog
 from internlm2_jax.train.optimizer import OptimizerConfig, lr_schedule, make_optimizer
-from internlm2_jax.train.runner import LoopConfig, NonFiniteLossError, initial_state, run_loop  # noqa: F401
+from internlm2_jax.train.runner import (  # noqa: F401  (NonFiniteLossError re-exported)
+    LoopConfig, NonFiniteLossError, initial_state, restore_or_init, run_loop)
 from internlm2_jax.train.step import StepConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -87,12 +88,7 @@ def train(
     train_it = make_pretrain_iterator(input, tokenizer=tok, split="train")
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), checkpoint)
 
-    restored = ckpt.restore(trainer.abstract_state(), data_iter=train_it)
-    if restored is not None:
-        start, state, _ = restored
-        log.info("resumed from step %d in %s", start, workdir)
-    else:
-        start, state = 0, initial_state(trainer, init_from, seed)
+    start, state = restore_or_init(trainer, ckpt, train_it, lambda: initial_state(trainer, init_from, seed))
     metrics_log = MetricsLog(workdir, resume_step=start)
     meta = {"model": {k: str(v) for k, v in dataclasses.asdict(model).items()}, "seed": seed,
             "gin": gin.config_str()}

@@ -64,6 +64,17 @@ def initial_state(trainer: Trainer, init_from: Optional[str], seed: int):
     return trainer.state_from_params(params)
 
 
+def restore_or_init(trainer: Any, ckpt: Checkpointer, data_iter: Any,
+                    init: Callable[[], Any]) -> tuple[int, Any]:
+    """`(start_step, state)`: the newest readable checkpoint (data iterator restored in place), else `init()`."""
+    restored = ckpt.restore(trainer.abstract_state(), data_iter=data_iter)
+    if restored is None:
+        return 0, init()
+    start, state, _ = restored
+    log.info("resumed from step %d in %s", start, ckpt.directory)
+    return start, state
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
     """Cadences and safety limits of `run_loop`."""

@@ -90,31 +90,24 @@ def loss_and_grads(config: ModelConfig, params: Any, batch: Batch, step_cfg: Ste
     return sums["loss_sum"] / count, grads, sums
 
 
-class Trainer:
-    """Builds the sharded state and a jitted `step(state, batch) -> (state, metrics)` for a mesh.
+class ShardedState:
+    """Sharded-state plumbing shared by `Trainer` and `LoraTrainer`.
 
-    The same code runs on 1 CPU, fake CPU devices, GPUs and TPU pods; only `mesh` changes.
+    Subclasses define `_boxed_state(rng)` (a `TrainState` whose leaves carry logical axes) and `mesh`;
+    `_setup_state()` derives `state_shardings` from those names and the jitted initialiser.
     """
 
-    def __init__(self, config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                 step_cfg: StepConfig = StepConfig(), lr_fn: Optional[Callable[[Any], Any]] = None):
-        self.config, self.tx, self.mesh, self.step_cfg, self.lr_fn = config, tx, mesh, step_cfg, lr_fn
-        validate(config, mesh)
-        self.state_shardings = self._state_shardings()
-        self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
-        self._step = jax.jit(self._step_fn, in_shardings=(self.state_shardings, data_sharding(mesh)),
-                             out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
+    mesh: Mesh
 
-    def _boxed_state(self, rng):
-        params = init_params(self.config, rng)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                          skipped=jnp.zeros((), jnp.int32))
+    def _boxed_state(self, rng: jax.Array) -> TrainState:
+        raise NotImplementedError
 
-    def _state_shardings(self):
+    def _setup_state(self) -> None:
         abstract = jax.eval_shape(self._boxed_state, jax.random.key(0))
-        return logical_to_sharding(nn.get_partition_spec(abstract), self.mesh)
+        self.state_shardings = logical_to_sharding(nn.get_partition_spec(abstract), self.mesh)
+        self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
 
-    def _init_fn(self, rng):
+    def _init_fn(self, rng: jax.Array) -> TrainState:
         return nn.meta.unbox(self._boxed_state(rng))
 
     def abstract_state(self) -> TrainState:
@@ -124,9 +117,29 @@ class Trainer:
                             shapes, self.state_shardings)
 
     def init_state(self, rng: jax.Array) -> TrainState:
-        """Params + optimizer state created directly with their final shardings."""
+        """The state created directly with its final shardings (never whole on one host)."""
         with mesh_context(self.mesh):
             return self._init(rng)
+
+
+class Trainer(ShardedState):
+    """Builds the sharded state and a jitted `step(state, batch) -> (state, metrics)` for a mesh.
+
+    The same code runs on 1 CPU, fake CPU devices, GPUs and TPU pods; only `mesh` changes.
+    """
+
+    def __init__(self, config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                 step_cfg: StepConfig = StepConfig(), lr_fn: Optional[Callable[[Any], Any]] = None):
+        self.config, self.tx, self.mesh, self.step_cfg, self.lr_fn = config, tx, mesh, step_cfg, lr_fn
+        validate(config, mesh)
+        self._setup_state()
+        self._step = jax.jit(self._step_fn, in_shardings=(self.state_shardings, data_sharding(mesh)),
+                             out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
+
+    def _boxed_state(self, rng):
+        params = init_params(self.config, rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                          skipped=jnp.zeros((), jnp.int32))
 
     def state_from_params(self, params: Any) -> TrainState:
         """A fresh state (step 0, new optimizer state) around existing params (warm start / HF)."""
