@@ -59,13 +59,17 @@ class _Read(beam.DoFn):
         yield beam.pvalue.TaggedOutput(_BAD, bad.to_dict(full=True))
 
 
-class _Rules(beam.DoFn):
+class _StagesDoFn(beam.DoFn):
+    """A DoFn that builds the single-process `pipeline.Stages` once per worker."""
+
     def __init__(self, cfg: pipeline.PipelineConfig):
         self.cfg = cfg
 
     def setup(self) -> None:
         self.stages = pipeline.Stages(self.cfg)
 
+
+class _Rules(_StagesDoFn):
     def process(self, rec: Record) -> Iterator[Any]:
         rec = copy.deepcopy(rec)
         reason = self.stages.rules(rec)
@@ -128,13 +132,7 @@ def _choose(kv: tuple[Any, Sequence[Record]]) -> Iterator[Any]:
             yield beam.pvalue.TaggedOutput("dropped", pipeline._drop(copy.deepcopy(r), "dedup", reason))
 
 
-class _PostDedup(beam.DoFn):
-    def __init__(self, cfg: pipeline.PipelineConfig):
-        self.cfg = cfg
-
-    def setup(self) -> None:
-        self.stages = pipeline.Stages(self.cfg)
-
+class _PostDedup(_StagesDoFn):
     def process(self, rec: Record) -> Iterator[Any]:
         rec = copy.deepcopy(rec)
         res = self.stages.post_dedup(rec)
