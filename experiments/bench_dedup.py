@@ -6,13 +6,16 @@ over shingles, so no qualifying pair is missed). Last line:
 ``speedup_vs_datasketch=<float> recall=<float>`` (recall of our implementation; datasketch's recall
 is printed above it).
 
-Run: ``python -m experiments.bench_dedup [--docs N] [--words W]``.
+Each side runs ``--repeats`` times, alternating; the medians are compared.
+
+Run: ``python -m experiments.bench_dedup [--docs N] [--words W] [--repeats R]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 from collections import defaultdict
 from itertools import combinations
@@ -82,6 +85,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.7)
     ap.add_argument("--num_perm", type=int, default=128)
     ap.add_argument("--ngram", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each (median reported)")
     args = ap.parse_args()
 
     texts = make_corpus(args.docs, args.words)
@@ -89,19 +93,22 @@ def main() -> None:
     dedup.optimal_bands(args.threshold, args.num_perm)  # parameter search is cached, not timed twice
     run_ours(texts[:50], args.threshold, args.num_perm, args.ngram)  # warm-up
 
-    t0 = time.perf_counter()
-    cid = run_ours(texts, args.threshold, args.num_perm, args.ngram)
-    t_ours = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ds_pairs = run_datasketch(texts, args.threshold, args.num_perm, args.ngram)
-    t_ds = time.perf_counter() - t0
+    t_ours_all, t_ds_all = [], []
+    for _ in range(args.repeats):  # alternate the two; report medians
+        t0 = time.perf_counter()
+        cid = run_ours(texts, args.threshold, args.num_perm, args.ngram)
+        t_ours_all.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ds_pairs = run_datasketch(texts, args.threshold, args.num_perm, args.ngram)
+        t_ds_all.append(time.perf_counter() - t0)
+    t_ours, t_ds = statistics.median(t_ours_all), statistics.median(t_ds_all)
 
     recall_ours = sum(cid[i] == cid[j] for i, j in truth) / max(1, len(truth))
     recall_ds = sum(p in ds_pairs for p in truth) / max(1, len(truth))
     print(f"docs={len(texts)} words/doc={args.words} true_pairs(J>={args.threshold})={len(truth)} "
           f"bands,rows={dedup.optimal_bands(args.threshold, args.num_perm)}")
-    print(f"ours:       {t_ours:.2f}s  {len(texts) / t_ours:,.0f} docs/s  recall={recall_ours:.4f}")
-    print(f"datasketch: {t_ds:.2f}s  {len(texts) / t_ds:,.0f} docs/s  recall={recall_ds:.4f}")
+    print(f"ours:       {t_ours:.3f}s  {len(texts) / t_ours:,.0f} docs/s  recall={recall_ours:.4f}")
+    print(f"datasketch: {t_ds:.3f}s  {len(texts) / t_ds:,.0f} docs/s  recall={recall_ds:.4f}")
     print(f"speedup_vs_datasketch={t_ds / t_ours:.2f} recall={recall_ours:.4f}")
 
 

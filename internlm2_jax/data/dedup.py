@@ -5,7 +5,8 @@ where every CJK character (Han, kana, Hangul) is its own token; shingles are ``n
 character 5-grams; mixed text mixes both naturally. Texts with fewer than ``ngram`` tokens use one
 shingle of all their tokens; texts with no tokens never cluster.
 
-Hashing: each token gets a stable CRC32 (process-independent, so Beam workers agree); an n-gram
+Hashing: each token gets a stable polynomial hash of its code points (process-independent, so
+Beam workers agree), computed for a whole batch with numpy prefix sums (:func:`token_hashes`); an n-gram
 hash is a polynomial combination of its token hashes (uint64 wrap-around), mixed down to 32 bits.
 The ``num_perm`` MinHash functions are universal hashes ``((a*x + b) mod 2**64) >> 32``
 (multiply-add-shift, see :class:`MinHasher`) drawn from ``seed``. Shingles of a whole batch of
@@ -24,10 +25,7 @@ verification, the 512-byte signature; texts are not retained.
 from __future__ import annotations
 
 import functools
-import itertools
-import operator
 import re
-import zlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -42,19 +40,95 @@ _TOKEN_RE = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")  # one CJK char, or a run of w
 _ASCII_TOKEN_RE = re.compile(r"[a-z0-9_]+")  # same result for ASCII text, faster
 
 
-_TOKEN_HASH: dict[str, int] = {}  # token -> CRC32 (stable across processes), bounded below
+_TOKEN_MULT = 0x100000001B3  # odd base of the per-token polynomial hash over code points
+_TOKEN_MULT_INV = pow(_TOKEN_MULT, -1, 1 << 64)
+_CHUNK_CHARS = 1 << 22  # characters tokenized per vectorized pass (bounds temporary memory)
+_CJK_RANGES = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF))
+_NONWORD, _WORD, _CJK_CHAR = 1, 2, 3
 
 
-def _token_hash_array(flat: list[str]) -> np.ndarray:
-    cache = _TOKEN_HASH
-    if len(cache) > (1 << 21):
-        cache.clear()
-    for tok in set(flat).difference(cache):
-        cache[tok] = zlib.crc32(tok.encode("utf-8"))
-    if not flat:
-        return np.zeros(0, dtype=np.uint64)
-    vals = operator.itemgetter(*flat)(cache)  # one C-level pass over the tokens
-    return np.array(vals if len(flat) > 1 else [vals], dtype=np.uint64)
+def _init_char_classes() -> np.ndarray:
+    """Code point -> class (0 = not yet classified); ASCII and the CJK ranges are filled in."""
+    table = np.zeros(0x110000, dtype=np.uint8)
+    table[:128] = [_WORD if (chr(i).isalnum() or i == 0x5F) else _NONWORD for i in range(128)]
+    for lo, hi in _CJK_RANGES:
+        table[lo : hi + 1] = _CJK_CHAR
+    return table
+
+
+_CHAR_CLASS = _init_char_classes()
+_POW: list[np.ndarray] = [np.ones(1, dtype=np.uint64), np.ones(1, dtype=np.uint64)]  # P**i, P**-i
+
+
+def _char_classes(cp: np.ndarray) -> np.ndarray:
+    """Class of each code point: word char (``\\w`` as in ``re``), CJK char, or other."""
+    cls = _CHAR_CLASS[cp]
+    unknown = cls == 0
+    if unknown.any():  # classify each new non-ASCII code point once, like re's \w
+        for c in np.unique(cp[unknown]).tolist():
+            ch = chr(c)
+            _CHAR_CLASS[c] = _WORD if (ch.isalnum() or ch == "_") else _NONWORD
+        cls = _CHAR_CLASS[cp]
+    return cls
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``P**i`` and ``P**-i`` (mod 2**64) for ``i < n``, grown and cached."""
+    if _POW[0].size < n:
+        size = max(n, _CHUNK_CHARS + 1)
+        with np.errstate(over="ignore"):
+            for k, base in enumerate((_TOKEN_MULT, _TOKEN_MULT_INV)):
+                _POW[k] = np.concatenate([[np.uint64(1)], np.cumprod(np.full(size - 1, base, dtype=np.uint64))])
+    return _POW[0][:n], _POW[1][:n]
+
+
+def _token_hashes_chunk(lows: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token hashes of lower-cased texts (concatenated) and the token count of each text."""
+    joined = "\n".join(lows) + "\n"  # "\n" is not a word char: no token spans two texts
+    if joined.isascii():
+        cp = np.frombuffer(joined.encode("ascii"), dtype=np.uint8)
+    else:
+        cp = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    cls = _char_classes(cp)
+    run = cls == _WORD
+    cjk = cls == _CJK_CHAR
+    prev_run = np.concatenate([[False], run[:-1]])
+    next_run = np.concatenate([run[1:], [False]])
+    starts = np.flatnonzero(cjk | (run & ~prev_run))
+    ends = np.flatnonzero(cjk | (run & ~next_run)) + 1
+    # Polynomial hash of each token's code points: sum_j c[s+j] * P**j, from prefix sums.
+    pw, inv = _powers(cp.size + 1)
+    with np.errstate(over="ignore"):
+        prefix = np.zeros(cp.size + 1, dtype=np.uint64)
+        np.cumsum(cp.astype(np.uint64) * pw[:-1], out=prefix[1:])
+        h = (prefix[ends] - prefix[starts]) * inv[starts]
+        h ^= h >> np.uint64(31)
+        h *= _BAND_MULT
+    doc_end = np.cumsum(np.fromiter(map(len, lows), dtype=np.int64, count=len(lows)) + 1)
+    counts = np.diff(np.searchsorted(starts, doc_end), prepend=0)
+    return h, counts
+
+
+def token_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes (uint64) of the :func:`shingle_tokens` of many texts, concatenated, and the token
+    count of each text. A token's hash is ``mix(sum_j ord(tok[j]) * P**j mod 2**64)`` (``P`` =
+    ``_TOKEN_MULT``, ``mix(h) = ((h ^ (h >> 31)) * _BAND_MULT) mod 2**64``), computed for all
+    tokens at once from prefix sums over the code points; no per-token Python work."""
+    lows = [t.lower() for t in texts]
+    hs, cs = [], []
+    i = 0
+    while i < len(lows):  # chunks of whole texts, about _CHUNK_CHARS characters each
+        j, size = i, 0
+        while j < len(lows) and (j == i or size + len(lows[j]) < _CHUNK_CHARS):
+            size += len(lows[j]) + 1
+            j += 1
+        h, c = _token_hashes_chunk(lows[i:j])
+        hs.append(h)
+        cs.append(c)
+        i = j
+    if not hs:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(hs), np.concatenate(cs)
 
 
 def shingle_tokens(text: str) -> list[str]:
@@ -65,10 +139,7 @@ def shingle_tokens(text: str) -> list[str]:
 
 def batch_shingle_hashes(texts: Sequence[str], ngram: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """Shingle hashes of many texts at once: (concatenated uint64 values < 2**32, count per text)."""
-    toks = [shingle_tokens(t) for t in texts]
-    lens = np.fromiter(map(len, toks), dtype=np.int64, count=len(toks))
-    flat = list(itertools.chain.from_iterable(toks))
-    th = _token_hash_array(flat)
+    th, lens = token_hashes(texts)
     total = th.size
     ends = np.cumsum(lens)
     counts = np.where(lens >= ngram, lens - ngram + 1, np.minimum(lens, 1))

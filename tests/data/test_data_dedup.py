@@ -64,6 +64,26 @@ def test_chinese_uses_character_shingles():
     assert cid[0] == cid[1] != cid[2]
 
 
+def _reference_token_hashes(text: str) -> list[int]:
+    """The documented token hash, in plain Python over the regex tokenizer's tokens."""
+    p, mult, mask = 0x100000001B3, 0xC2B2AE3D27D4EB4F, (1 << 64) - 1
+    out = []
+    for tok in dedup.shingle_tokens(text):
+        h = sum(ord(c) * pow(p, j, 1 << 64) for j, c in enumerate(tok)) & mask
+        out.append(((h ^ (h >> 31)) * mult) & mask)
+    return out
+
+
+def test_vectorized_token_hashes_match_regex_tokens(monkeypatch):
+    monkeypatch.setattr(dedup, "_CHUNK_CHARS", 64)  # force several chunks, and one oversized text
+    texts = ["Hello World_x 42!", "我们的模型 hello World", "", "ΟΔΟΣ café İstanbul ßx", "a\nb\tc",
+             "  ", "・カタカナ한국어", "emoji 😀 ok", "tab\x00nul", "x" * 300, "end ς.", "日本語とEnglish混合"]
+    h, counts = dedup.token_hashes(texts)
+    assert counts.tolist() == [len(dedup.shingle_tokens(t)) for t in texts]
+    for t, got in zip(texts, np.split(h, np.cumsum(counts)[:-1])):
+        assert got.tolist() == _reference_token_hashes(t), t
+
+
 def test_exact_duplicates_code_and_empty():
     code = "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n" * 3
     cid = dedup.near_duplicate_clusters([code, "", code, "", "short"])
