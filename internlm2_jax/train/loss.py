@@ -44,7 +44,8 @@ def chunked_cross_entropy(
       z_loss: weight of `logsumexp(logits)²` (PaLM-style), 0 disables it.
     Returns:
       `{"loss_sum", "z_loss_sum", "correct", "count"}` scalars (fp32); the mean loss is
-      `(loss_sum + z_loss_sum) / count`. Each chunk is rematerialised in the backward pass.
+      `(loss_sum + z_loss_sum) / count`. With several chunks, each is rematerialised in the
+      backward pass; `correct` counts positions whose target logit is the row maximum.
     """
     b, s, d = hidden.shape
     chex.assert_shape([targets, weights], (b, s))
@@ -58,17 +59,23 @@ def chunked_cross_entropy(
     xs = (hidden.reshape(b, n, c, d).swapaxes(0, 1), targets.reshape(b, n, c).swapaxes(0, 1),
           weights.reshape(b, n, c).swapaxes(0, 1))
 
-    @jax.checkpoint
     def chunk(h, t, w):
         logits = jnp.einsum("bcd,dv->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        correct = (jnp.argmax(logits, axis=-1) == t).astype(jnp.float32)
+        # "Correct" = the target's logit is the maximum (= argmax unless exactly tied); a max
+        # reduction is ~25x cheaper than argmax on XLA:CPU for [*, 92544]-wide rows.
+        correct = jax.lax.stop_gradient(target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
         return jnp.stack([jnp.sum((lse - target_logit) * w), jnp.sum(z_loss * lse**2 * w),
                           jnp.sum(correct * w), jnp.sum(w)])
 
-    def body(acc, x):
-        return acc + chunk(*x), None
+    if n == 1:  # one chunk: nothing to bound, so no rematerialisation of the logits
+        acc = chunk(*(x[0] for x in xs))
+    else:
+        remat_chunk = jax.checkpoint(chunk)
 
-    acc, _ = jax.lax.scan(body, jnp.zeros(4, jnp.float32), xs)
+        def body(acc, x):
+            return acc + remat_chunk(*x), None
+
+        acc, _ = jax.lax.scan(body, jnp.zeros(4, jnp.float32), xs)
     return {"loss_sum": acc[0], "z_loss_sum": acc[1], "correct": acc[2], "count": acc[3]}
