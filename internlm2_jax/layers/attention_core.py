@@ -77,10 +77,11 @@ def xla_attention(
     qg = q.reshape(b, s, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * s, d)
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, t, d]
     logits = jnp.einsum("bkqd,bktd->bkqt", qg, kt, preferred_element_type=jnp.float32) * scale
-    logits = logits.reshape(b, kvh, g, s, t)
-    if mask is not None:
-        logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kvh, g * s, t)
+    if mask is not None:  # the same [q_len, kv_len] mask for each of the g stacked query heads
+        mask_g = jnp.broadcast_to(mask[:, None, None], (mask.shape[0], 1, g, s, t)).reshape(-1, 1, g * s, t)
+        logits = jnp.where(mask_g, logits, NEG_INF)
+    # Softmax in the matmul layout: in fp32 its output is the one saved residual (no reshaped copy).
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkqt,bktd->bkqd", probs, vt, preferred_element_type=jnp.float32)
     return out.reshape(b, kvh, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d).astype(q.dtype)
 
