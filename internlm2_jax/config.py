@@ -14,7 +14,7 @@ ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 REMAT_POLICIES = (
     "none",  # no rematerialization: keep every activation
     "full",  # recompute the whole block in the backward pass
-    "minimal",  # save matmul outputs without batch dims (jax dots_with_no_batch_dims_saveable)
+    "minimal",  # save the weight projections' outputs (qkv, attn_out, mlp_gate, mlp_up, mlp_out)
     "save_qkv_attn",  # save the named qkv projections and attention outputs
     "save_qkv_attn_mlp",  # additionally save the ffn output
 )

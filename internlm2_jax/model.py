@@ -22,7 +22,9 @@ Cache = dict[str, jax.Array]  # {"k", "v": [layers, batch, max_len, kv_heads, he
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The weight projections' outputs (the dots without batch dims; `linear` hides them from
+    # `dots_with_no_batch_dims_saveable`, so they are saved by name).
+    "minimal": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_gate", "mlp_up", "mlp_out"),
     "save_qkv_attn": jax.checkpoint_policies.save_only_these_names("qkv", "attn"),
     "save_qkv_attn_mlp": jax.checkpoint_policies.save_only_these_names(
         "qkv", "attn", "attn_out", "mlp_gate", "mlp_up", "mlp_out"),

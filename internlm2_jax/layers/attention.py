@@ -11,6 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.layers import attention_core
+from internlm2_jax.layers.linear import linear
 from internlm2_jax.layers.params import constrain, logical_param
 from internlm2_jax.layers.rope import apply_rope
 
@@ -55,7 +56,7 @@ class Attention(nn.Module):
         init = nn.initializers.normal(cfg.initializer_range)
         wqkv = logical_param(self, "wqkv", init, (d, kvh, g + 2, hd),
                              ("embed", "kv_heads", "qkv_group", "head_dim"), cfg.weight_dtype)
-        qkv = jnp.einsum("bsd,dkgh->bskgh", x.astype(dt), wqkv.astype(dt))
+        qkv = linear("bsd,dkgh->bskgh", x.astype(dt), wqkv.astype(dt))
         qkv = checkpoint_name(qkv, "qkv")
         b, s = x.shape[:2]
         q = qkv[:, :, :, :g, :].reshape(b, s, kvh * g, hd)
@@ -76,5 +77,5 @@ class Attention(nn.Module):
             new_cache = (k_cache, v_cache)
         out = checkpoint_name(out, "attn")
         wo = logical_param(self, "wo", init, (kvh * g, hd, d), ("heads", "head_dim", "embed"), cfg.weight_dtype)
-        y = jnp.einsum("bshd,hde->bse", out, wo.astype(dt))
+        y = linear("bshd,hde->bse", out.astype(dt), wo.astype(dt))
         return checkpoint_name(y, "attn_out"), new_cache

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from internlm2_jax.config import ModelConfig
+from internlm2_jax.layers.linear import linear
 from internlm2_jax.layers.params import constrain, logical_param
 
 
@@ -25,10 +25,7 @@ class FeedForward(nn.Module):
         w3 = logical_param(self, "w3", init, (d, f), ("embed", "mlp"), cfg.weight_dtype)
         w2 = logical_param(self, "w2", init, (f, d), ("mlp", "embed"), cfg.weight_dtype)
         x = x.astype(dt)
-        # One matmul for gate and up ([embed, 2, mlp] keeps the mlp axis whole for tensor sharding).
-        w13 = jnp.stack([w1.astype(dt), w3.astype(dt)], axis=1)
-        gu = jnp.einsum("bsd,dtf->bstf", x, w13)
-        gate = checkpoint_name(gu[:, :, 0], "mlp_gate")
-        up = checkpoint_name(gu[:, :, 1], "mlp_up")
+        gate = checkpoint_name(linear("bsd,df->bsf", x, w1.astype(dt)), "mlp_gate")
+        up = checkpoint_name(linear("bsd,df->bsf", x, w3.astype(dt)), "mlp_up")
         h = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return checkpoint_name(jnp.einsum("bsf,fd->bsd", h, w2.astype(dt)), "mlp_out")
+        return checkpoint_name(linear("bsf,fd->bsd", h, w2.astype(dt)), "mlp_out")

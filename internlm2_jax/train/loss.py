@@ -8,6 +8,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from internlm2_jax.layers.linear import linear
+
 
 def next_token_targets(
     tokens: jax.Array, loss_mask: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None
@@ -60,7 +62,7 @@ def chunked_cross_entropy(
           weights.reshape(b, n, c).swapaxes(0, 1))
 
     def chunk(h, t, w):
-        logits = jnp.einsum("bcd,dv->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = linear("bcd,dv->bcv", h, head.astype(h.dtype), out_dtype=jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         # "Correct" = the target's logit is the maximum (= argmax unless exactly tied); a max
