@@ -30,7 +30,8 @@ from internlm2_jax.model import abstract_params
 from internlm2_jax.sft.lora import LoraConfig, apply_lora, init_lora
 from internlm2_jax.sft.quantize import IN_NDIM, OUT_NDIM, Int4Weight, QuantizedWeight, int4_axis, quantize_base
 from internlm2_jax.sharding import data_sharding, logical_to_sharding, replicated, validate
-from internlm2_jax.train.step import Batch, ShardedState, StepConfig, TrainState, loss_fn, mesh_context
+from internlm2_jax.train.step import (Batch, ShardedState, StepConfig, TrainState, guarded_update, loss_fn,
+                                      mesh_context)
 
 
 def _split_axes(name: str, axes: tuple) -> tuple[tuple, tuple, tuple]:
@@ -150,13 +151,7 @@ class LoraTrainer(ShardedState):
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         loss, grad_norm = sums["loss_sum"] / count, optax.tree.norm(grads)
-        updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        pick = lambda new, old: jax.tree.map(lambda x, y: jnp.where(finite, x, y), new, old)
-        new_state = TrainState(step=state.step + finite.astype(jnp.int32),
-                               params=pick(optax.apply_updates(state.params, updates), state.params),
-                               opt_state=pick(new_opt, state.opt_state),
-                               skipped=jnp.where(finite, 0, state.skipped + 1))
+        new_state, finite = guarded_update(self.tx, state, grads, loss, grad_norm)
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": sums["count"], "accuracy": sums["correct"] / count,
                    "finite": finite, "skipped": new_state.skipped}
         if self.lr_fn is not None:

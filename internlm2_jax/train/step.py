@@ -90,6 +90,24 @@ def loss_and_grads(config: ModelConfig, params: Any, batch: Batch, step_cfg: Ste
     return sums["loss_sum"] / count, grads, sums
 
 
+def guarded_update(tx: optax.GradientTransformation, state: TrainState, grads: Any, loss: jax.Array,
+                   grad_norm: jax.Array) -> tuple[TrainState, jax.Array]:
+    """Optimizer step, skipped (params and optimizer state unchanged) when `loss` or `grad_norm`
+    is not finite. Returns the new state and the `finite` flag; `skipped` counts consecutive skips.
+
+    A `lax.cond`, not a select over every leaf: the common path costs only the update itself.
+    """
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def apply(params, opt_state):
+        updates, new_opt = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt
+
+    params, opt_state = jax.lax.cond(finite, apply, lambda p, o: (p, o), state.params, state.opt_state)
+    return TrainState(step=state.step + finite.astype(jnp.int32), params=params, opt_state=opt_state,
+                      skipped=jnp.where(finite, 0, state.skipped + 1)), finite
+
+
 class ShardedState:
     """Sharded-state plumbing shared by `Trainer` and `LoraTrainer`.
 
@@ -154,16 +172,7 @@ class Trainer(ShardedState):
     def _step_fn(self, state: TrainState, batch: Batch):
         loss, grads, sums = loss_and_grads(self.config, state.params, batch, self.step_cfg)
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = TrainState(
-            step=state.step + finite.astype(jnp.int32),
-            params=pick(new_params, state.params),
-            opt_state=pick(new_opt, state.opt_state),
-            skipped=jnp.where(finite, 0, state.skipped + 1),
-        )
+        new_state, finite = guarded_update(self.tx, state, grads, loss, grad_norm)
         metrics = {
             "loss": loss, "grad_norm": grad_norm, "tokens": sums["count"],
             "accuracy": sums["correct"] / jnp.maximum(sums["count"], 1.0),
