@@ -42,7 +42,7 @@ _ASCII_TOKEN_RE = re.compile(r"[a-z0-9_]+")  # same result for ASCII text, faste
 
 _TOKEN_MULT = 0x100000001B3  # odd base of the per-token polynomial hash over code points
 _TOKEN_MULT_INV = pow(_TOKEN_MULT, -1, 1 << 64)
-_CHUNK_CHARS = 1 << 22  # characters tokenized per vectorized pass (bounds temporary memory)
+_CHUNK_CHARS = 1 << 20  # characters tokenized per vectorized pass (bounds temporary memory, ~50 MB)
 _CJK_RANGES = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF))
 _NONWORD, _WORD, _CJK_CHAR = 1, 2, 3
 
