@@ -35,15 +35,15 @@ _BAND_MULT = np.uint64(0xC2B2AE3D27D4EB4F)
 _MASK32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
 _BLOCK = 8192  # shingles per vectorized block: (num_perm x _BLOCK) uint64 stays cache-sized
-_CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+# Kana, CJK ideographs (+ extension A, compatibility) and Hangul: each character is a token.
+_CJK_RANGES = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF))
+_CJK = "".join(f"\\u{lo:04x}-\\u{hi:04x}" for lo, hi in _CJK_RANGES)
 _TOKEN_RE = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")  # one CJK char, or a run of word chars
-_ASCII_TOKEN_RE = re.compile(r"[a-z0-9_]+")  # same result for ASCII text, faster
 
 
 _TOKEN_MULT = 0x100000001B3  # odd base of the per-token polynomial hash over code points
 _TOKEN_MULT_INV = pow(_TOKEN_MULT, -1, 1 << 64)
 _CHUNK_CHARS = 1 << 20  # characters tokenized per vectorized pass (bounds temporary memory, ~50 MB)
-_CJK_RANGES = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF))
 _NONWORD, _WORD, _CJK_CHAR = 1, 2, 3
 
 
@@ -132,9 +132,10 @@ def token_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def shingle_tokens(text: str) -> list[str]:
-    """Lower-cased word tokens (``\\w+`` runs), with each CJK character as its own token."""
-    low = text.lower()
-    return _ASCII_TOKEN_RE.findall(low) if low.isascii() else _TOKEN_RE.findall(low)
+    """Lower-cased word tokens (``\\w+`` runs), with each CJK character as its own token.
+
+    The regex definition of the tokens that :func:`token_hashes` finds vectorized (reference/tests)."""
+    return _TOKEN_RE.findall(text.lower())
 
 
 def batch_shingle_hashes(texts: Sequence[str], ngram: int = 5) -> tuple[np.ndarray, np.ndarray]:
