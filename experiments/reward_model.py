@@ -11,6 +11,7 @@ per-condition held-out accuracy).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -30,6 +31,7 @@ from internlm2_jax.rlhf.toy_tasks import TOY_CONDITIONS, CharTokenizer, toy_pref
 from internlm2_jax.sharding import MeshConfig, make_mesh
 from internlm2_jax.train.metrics_log import MetricsLog
 from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
+from internlm2_jax.train.runner import NonFiniteLossError
 
 
 def load_preferences(data: Sequence[str], tokenizer: Optional[str], conditions: Optional[dict]):
@@ -57,8 +59,10 @@ def train_rm(workdir: str, model: ModelConfig = gin.REQUIRED, data: Sequence[str
                  peak_lr=1e-5, end_lr_ratio=0.5, warmup_steps=0, weight_decay=0.01),
              token_budget: int = 16384, row_len: int = 2048, max_pairs: int = 512, epochs: int = 1,
              gamma: float = 2.0, barrier_weight: float = 0.02, eval_fraction: float = 0.1,
-             mesh: MeshConfig = MeshConfig(), seed: int = 0) -> dict[str, Any]:
+             mesh: MeshConfig = MeshConfig(), seed: int = 0, max_nonfinite: int = 5) -> dict[str, Any]:
     """Trains the RM for `epochs` over token-budget batches; returns the final held-out metrics.
+
+    Steps with a non-finite loss or gradient are skipped; `max_nonfinite` in a row stop the run.
 
     `reward_token_id` defaults to the tokenizer's (`internlm2_jax.rlhf.prompts.default_reward_token_id`).
     """
@@ -78,13 +82,19 @@ def train_rm(workdir: str, model: ModelConfig = gin.REQUIRED, data: Sequence[str
         params = trainer.place(init_reward_params(model, jax.random.key(seed)))
     opt = trainer.init_opt(params)
     log = MetricsLog(workdir, tensorboard=False)
-    step, t0 = 0, time.perf_counter()
+    step, nonfinite, t0 = 0, 0, time.perf_counter()
     for _ in range(epochs):
         for b in train:
             params, opt, m = jax.block_until_ready(trainer.step(params, opt, b))
             step += 1
             log.write(step, {**{k: float(v) for k, v in m.items()}, "tokens_per_s":
                              step * token_budget / (time.perf_counter() - t0)})
+            nonfinite = 0 if bool(m["finite"]) else nonfinite + 1
+            if nonfinite:
+                logging.warning("RM step %d: non-finite loss or gradient; update skipped (%d in a row)", step, nonfinite)
+            if nonfinite >= max_nonfinite:
+                raise NonFiniteLossError(f"{max_nonfinite} consecutive non-finite reward-model steps (last at step "
+                                         f"{step}); stopping. Lower the lr or inspect the preference data")
     result = {"steps": steps, "pairs": len(pairs), "dropped": dropped, **evaluate(model, params, held, names)}
     log.write(step, {f"eval/{k}": v for k, v in result.items()})
     log.close()

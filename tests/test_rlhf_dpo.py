@@ -26,4 +26,10 @@ def test_dpo_trains_against_cached_reference():
     np.testing.assert_allclose(float(m0["dpo_loss"]), np.log(2), rtol=1e-5)  # policy == reference at step 0
     for _ in range(15):
         params, opt, m = dpo_step(CFG, params, opt, cached, tx=tx, beta=0.1)
-    assert float(m["dpo_loss"]) < 0.6 and float(m["reward_accuracy"]) > 0.8
+    assert float(m["dpo_loss"]) < 0.6 and float(m["reward_accuracy"]) > 0.8 and bool(m["finite"])
+    # A NaN reference log-prob: the update is skipped (params and optimizer state bit-identical).
+    bad = {**cached, "ref_chosen": np.full_like(np.asarray(cached["ref_chosen"]), np.nan)}
+    before = jax.tree.map(np.array, (params, opt))
+    params, opt, m = dpo_step(CFG, params, opt, bad, tx=tx, beta=0.1)
+    assert not bool(m["finite"])
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((params, opt))))

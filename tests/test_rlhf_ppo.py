@@ -119,3 +119,17 @@ def test_ptx_coefficient_adds_exactly_half_the_pretrain_loss(warm):
     np.testing.assert_allclose(float(m5["actor_loss"] - m0["actor_loss"]), 0.5 * float(m5["pretrain_loss"]),
                                rtol=1e-5)
     np.testing.assert_allclose(float(m5["policy_loss"]), float(m0["policy_loss"]), rtol=1e-6)
+
+
+def test_nonfinite_minibatch_updates_are_skipped(warm):
+    """NaN advantages / returns: both actor and critic updates are skipped and counted; state unchanged."""
+    tr = warm["trainer"]
+    batch, _, _ = tr.rollout(ITEMS[:tr.cfg.batch_size])
+    bad = {**batch, "advantages": jnp.full_like(batch["advantages"], jnp.nan),
+           "returns": jnp.full_like(batch["returns"], jnp.nan)}
+    before = jax.tree.map(np.array, (tr.state.actor, tr.state.critic, tr.state.actor_opt, tr.state.critic_opt))
+    m = tr.update(bad)
+    assert m["skipped_updates"] == 2 * tr.cfg.ppo_epochs * tr.cfg.num_minibatches
+    assert m["actor_finite"] == 0.0 and m["critic_finite"] == 0.0
+    st = tr.state
+    assert _same(before, (st.actor, st.critic, st.actor_opt, st.critic_opt))

@@ -63,6 +63,14 @@ def test_tiny_rm_learns_conditional_rule():
     for _ in range(2):
         for b in batches:
             params, opt, m = rm_train_step(CFG, params, opt, b, tx=tx)
+    assert bool(m["finite"])
+    # A NaN in the batch: the update is skipped (params and optimizer state bit-identical), not applied.
+    bad = {**batches[0], "pair_mask": np.where(np.arange(len(batches[0]["pair_mask"])) == 0, np.nan,
+                                                batches[0]["pair_mask"]).astype(np.float32)}
+    before = jax.tree.map(np.array, (params, opt))
+    params, opt, m = rm_train_step(CFG, params, opt, bad, tx=tx)
+    assert not bool(m["finite"]) and not np.isfinite(float(m["loss"]))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((params, opt))))
     acc = evaluate(CFG, params, list(pack_pairs(test, **PACK)), NAMES)
     print(f"held-out {acc} in {time.time() - t0:.1f}s")
     assert acc["accuracy"] >= 0.9 and acc["accuracy/likes_a"] >= 0.9 and acc["accuracy/likes_b"] >= 0.9

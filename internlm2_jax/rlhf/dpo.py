@@ -17,6 +17,7 @@ import optax
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.rlhf.preference_data import ChatEncoder, record_conversations
 from internlm2_jax.rlhf.rollout import policy_logprobs
+from internlm2_jax.train.step import finite_update
 
 Params = Any
 
@@ -64,7 +65,7 @@ def cache_reference(config: ModelConfig, ref: Params, batches: Iterable[dict[str
 @functools.partial(jax.jit, static_argnames=("config", "tx", "beta", "label_smoothing"), donate_argnums=(1, 2))
 def dpo_step(config: ModelConfig, params: Params, opt_state: Any, batch: dict[str, jax.Array], *,
              tx: optax.GradientTransformation, beta: float = 0.1, label_smoothing: float = 0.0):
-    """One optimizer step on the DPO loss of a batch with cached reference log-probs."""
+    """One optimizer step on the DPO loss of a batch with cached reference log-probs (skipped when not finite)."""
     def loss_fn(p):
         pc = sequence_logps(config, p, batch["chosen"], batch["chosen_mask"])
         pr = sequence_logps(config, p, batch["rejected"], batch["rejected_mask"])
@@ -72,5 +73,5 @@ def dpo_step(config: ModelConfig, params: Params, opt_state: Any, batch: dict[st
                         label_smoothing=label_smoothing)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, metrics
+    params, opt_state, finite, grad_norm = finite_update(tx, params, opt_state, grads, loss)
+    return params, opt_state, {**metrics, "grad_norm": grad_norm, "finite": finite}

@@ -27,6 +27,7 @@ from internlm2_jax.rlhf.rollout import PromptItem, RewardFn, assemble, critic_va
 from internlm2_jax.sft.generate import generate
 from internlm2_jax.sharding import replicated
 from internlm2_jax.train.loss import chunked_cross_entropy, next_token_targets
+from internlm2_jax.train.step import finite_update
 
 Params = Any
 
@@ -88,19 +89,19 @@ def critic_loss(config: ModelConfig, critic: Params, batch: dict[str, jax.Array]
 def actor_step(config: ModelConfig, actor: Params, opt_state: Any, batch: dict[str, jax.Array],
                pt: Optional[dict[str, jax.Array]], coefs: dict[str, jax.Array], *, tx: optax.GradientTransformation,
                clip: float, chunk: int = 128) -> tuple[Params, Any, dict[str, jax.Array]]:
-    """One actor optimizer step; `coefs = {"ptx": ..., "kl_loss": ...}` are traced scalars."""
-    grads, metrics = jax.grad(
+    """One actor optimizer step (skipped when not finite); `coefs = {"ptx": ..., "kl_loss": ...}` are traced scalars."""
+    (loss, metrics), grads = jax.value_and_grad(
         lambda p: actor_loss(config, p, batch, pt, coefs["ptx"], coefs["kl_loss"], clip, chunk), has_aux=True)(actor)
-    updates, opt_state = tx.update(grads, opt_state, actor)
-    return optax.apply_updates(actor, updates), opt_state, {**metrics, "actor_grad_norm": optax.tree.norm(grads)}
+    actor, opt_state, finite, grad_norm = finite_update(tx, actor, opt_state, grads, loss)
+    return actor, opt_state, {**metrics, "actor_grad_norm": grad_norm, "actor_finite": finite}
 
 
 def critic_step(config: ModelConfig, critic: Params, opt_state: Any, batch: dict[str, jax.Array], *,
                 tx: optax.GradientTransformation, clip: float) -> tuple[Params, Any, dict[str, jax.Array]]:
-    """One critic optimizer step on the clipped value loss."""
-    grads, metrics = jax.grad(lambda p: critic_loss(config, p, batch, clip), has_aux=True)(critic)
-    updates, opt_state = tx.update(grads, opt_state, critic)
-    return optax.apply_updates(critic, updates), opt_state, metrics
+    """One critic optimizer step on the clipped value loss (skipped when not finite)."""
+    (loss, metrics), grads = jax.value_and_grad(lambda p: critic_loss(config, p, batch, clip), has_aux=True)(critic)
+    critic, opt_state, finite, grad_norm = finite_update(tx, critic, opt_state, grads, loss)
+    return critic, opt_state, {**metrics, "critic_grad_norm": grad_norm, "critic_finite": finite}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -232,7 +233,9 @@ class PPOTrainer:
         return {**batch, "scores": jnp.asarray(scores)}, responses, timing
 
     def update(self, batch: dict[str, Any]) -> dict[str, float]:
-        """PPO epochs over minibatches: critic always (PPO), actor only after the warm-up."""
+        """PPO epochs over minibatches: critic always (PPO), actor only after the warm-up.
+
+        Minibatch updates with a non-finite loss or gradient are skipped and counted in `skipped_updates`."""
         cfg, st = self.cfg, self.state
         train_actor = cfg.algo == "grpo" or st.iteration >= cfg.critic_warmup_iters
         coefs = {"ptx": jnp.float32(cfg.ptx_coef), "kl_loss": jnp.float32(cfg.kl_coef if cfg.algo == "grpo" else 0.0)}
@@ -241,6 +244,7 @@ class PPOTrainer:
         n = batch["tokens"].shape[0]
         mb = n // cfg.num_minibatches
         metrics: dict[str, Any] = {}
+        skipped = 0
         for _ in range(cfg.ppo_epochs):
             self.rng, sub = jax.random.split(self.rng)
             perm = np.asarray(jax.random.permutation(sub, n))
@@ -249,13 +253,16 @@ class PPOTrainer:
                 sub_batch = {key: np.asarray(batch[key])[idx] for key in keys}
                 if st.critic is not None:
                     metrics.update(jax.block_until_ready(self.critic_update(sub_batch)))
+                    skipped += not bool(metrics["critic_finite"])
                 if train_actor:
                     pt = None
                     if self.pretrain_iter is not None and cfg.ptx_coef > 0:
                         pt = {k2: jnp.asarray(v) for k2, v in next(self.pretrain_iter).items()}
                     metrics.update(jax.block_until_ready(self.actor_update(sub_batch, pt, coefs)))
+                    skipped += not bool(metrics["actor_finite"])
         jax.block_until_ready((st.actor, st.critic))
         metrics["actor_frozen"] = float(not train_actor)
+        metrics["skipped_updates"] = float(skipped)  # non-finite minibatch updates left unapplied
         return {k: float(v) for k, v in metrics.items()}
 
     def iterate(self, items: Sequence[PromptItem]) -> dict[str, float]:

@@ -20,6 +20,7 @@ from internlm2_jax.rlhf.mesh import batch_spec, critic_shardings, default_mesh, 
 from internlm2_jax.rlhf.reward_loss import reward_loss
 from internlm2_jax.rlhf.reward_model import Params, gather_scores, token_values
 from internlm2_jax.sharding import replicated
+from internlm2_jax.train.step import finite_update
 
 
 def batch_scores(config: ModelConfig, params: Params, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -32,15 +33,14 @@ def batch_scores(config: ModelConfig, params: Params, batch: dict[str, jax.Array
 def _rm_step(config: ModelConfig, params: Params, opt_state: Any, batch: dict[str, jax.Array], *,
              tx: optax.GradientTransformation, gamma: float = 2.0,
              barrier_weight: float = 0.02) -> tuple[Params, Any, dict[str, jax.Array]]:
-    """One optimizer step on the mean reward loss of a packed batch."""
+    """One optimizer step on the mean reward loss of a packed batch (skipped when not finite)."""
     def loss_fn(p):
         rc, rr = batch_scores(config, p, batch)
         return reward_loss(rc, rr, batch["pair_mask"], gamma=gamma, barrier_weight=barrier_weight)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
+    params, opt_state, finite, grad_norm = finite_update(tx, params, opt_state, grads, loss)
+    return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **metrics}
 
 
 rm_train_step = jax.jit(_rm_step, static_argnames=("config", "tx", "gamma", "barrier_weight"), donate_argnums=(1, 2))

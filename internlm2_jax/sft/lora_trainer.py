@@ -150,8 +150,8 @@ class LoraTrainer(ShardedState):
         grads, sums = self._grads(state.params, base, batch, rng)
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
-        loss, grad_norm = sums["loss_sum"] / count, optax.tree.norm(grads)
-        new_state, finite = guarded_update(self.tx, state, grads, loss, grad_norm)
+        loss = sums["loss_sum"] / count
+        new_state, finite, grad_norm = guarded_update(self.tx, state, grads, loss)
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": sums["count"], "accuracy": sums["correct"] / count,
                    "finite": finite, "skipped": new_state.skipped}
         if self.lr_fn is not None:

@@ -90,22 +90,31 @@ def loss_and_grads(config: ModelConfig, params: Any, batch: Batch, step_cfg: Ste
     return sums["loss_sum"] / count, grads, sums
 
 
-def guarded_update(tx: optax.GradientTransformation, state: TrainState, grads: Any, loss: jax.Array,
-                   grad_norm: jax.Array) -> tuple[TrainState, jax.Array]:
-    """Optimizer step, skipped (params and optimizer state unchanged) when `loss` or `grad_norm`
-    is not finite. Returns the new state and the `finite` flag; `skipped` counts consecutive skips.
+def finite_update(tx: optax.GradientTransformation, params: Any, opt_state: Any, grads: Any,
+                  loss: jax.Array) -> tuple[Any, Any, jax.Array, jax.Array]:
+    """`tx` step applied only when `loss` and the gradients' global norm are finite; otherwise
+    `params` and `opt_state` come back unchanged. Returns (params, opt_state, finite, grad_norm).
 
     A `lax.cond`, not a select over every leaf: the common path costs only the update itself.
     """
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def apply(params, opt_state):
-        updates, new_opt = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_opt
+    def apply(p, o):
+        updates, new_opt = tx.update(grads, o, p)
+        return optax.apply_updates(p, updates), new_opt
 
-    params, opt_state = jax.lax.cond(finite, apply, lambda p, o: (p, o), state.params, state.opt_state)
+    params, opt_state = jax.lax.cond(finite, apply, lambda p, o: (p, o), params, opt_state)
+    return params, opt_state, finite, grad_norm
+
+
+def guarded_update(tx: optax.GradientTransformation, state: TrainState, grads: Any,
+                   loss: jax.Array) -> tuple[TrainState, jax.Array, jax.Array]:
+    """`finite_update` on a `TrainState`: `step` advances and `skipped` resets only on a finite step,
+    otherwise `skipped` counts consecutive skips. Returns (state, finite, grad_norm)."""
+    params, opt_state, finite, grad_norm = finite_update(tx, state.params, state.opt_state, grads, loss)
     return TrainState(step=state.step + finite.astype(jnp.int32), params=params, opt_state=opt_state,
-                      skipped=jnp.where(finite, 0, state.skipped + 1)), finite
+                      skipped=jnp.where(finite, 0, state.skipped + 1)), finite, grad_norm
 
 
 class ShardedState:
@@ -171,8 +180,7 @@ class Trainer(ShardedState):
 
     def _step_fn(self, state: TrainState, batch: Batch):
         loss, grads, sums = loss_and_grads(self.config, state.params, batch, self.step_cfg)
-        grad_norm = optax.tree.norm(grads)
-        new_state, finite = guarded_update(self.tx, state, grads, loss, grad_norm)
+        new_state, finite, grad_norm = guarded_update(self.tx, state, grads, loss)
         metrics = {
             "loss": loss, "grad_norm": grad_norm, "tokens": sums["count"],
             "accuracy": sums["correct"] / jnp.maximum(sums["count"], 1.0),
