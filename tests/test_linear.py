@@ -45,3 +45,23 @@ def test_rejects_spec_without_a_plain_backward():
         linear("bsd,df->bf", jnp.ones((2, 3, 4)), jnp.ones((4, 5)))  # 's' summed away
     with pytest.raises(ValueError, match="index 'd'"):
         linear("bdd,df->bf", jnp.ones((2, 4, 4)), jnp.ones((4, 5)))  # a repeated (trace) index
+
+
+def test_bf16_accumulates_in_fp32():
+    """bf16 operands: forward and both gradients equal the fp32 math on the same (bf16-valued) inputs up to
+    one final bf16 rounding (incl. the fp32 cotangent's), i.e. no bf16 accumulation over the 2048-long sums."""
+    kx, kw, kg = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(kx, (2, 1024, 2048)).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, (2048, 64)).astype(jnp.bfloat16)
+    probe = jax.random.normal(kg, (2, 1024, 64))
+    f32 = lambda a: np.asarray(a, np.float32)
+    spec = "bsd,df->bsf"
+    ref_y = jnp.einsum(spec, f32(x), f32(w))
+    ref_dx, ref_dw = jax.grad(lambda a, b: jnp.sum(jnp.einsum(spec, a, b) * f32(probe.astype(jnp.bfloat16))),
+                              argnums=(0, 1))(f32(x), f32(w))
+    y = linear(spec, x, w)
+    dx, dw = jax.grad(lambda a, b: jnp.sum(linear(spec, a, b, out_dtype=jnp.float32) * probe), argnums=(0, 1))(x, w)
+    assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+    for got, ref in ((y, ref_y), (dx, ref_dx), (dw, ref_dw)):
+        err = np.abs(f32(got) - f32(ref)) / np.abs(f32(ref)).max()
+        assert err.max() < 2**-8, err.max()  # one bf16 rounding of the largest entry

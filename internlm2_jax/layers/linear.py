@@ -28,7 +28,9 @@ def _backward_specs(spec: str) -> tuple[str, str]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def _linear(spec: str, x: jax.Array, w: jax.Array, out_dtype: Any) -> jax.Array:
-    return jnp.einsum(spec, x, w, preferred_element_type=out_dtype).astype(out_dtype)
+    # fp32 accumulation, then the cast: XLA:CPU's fast bf16 GEMMs (YNNPACK/XNNPACK) only write fp32.
+    acc = jnp.promote_types(jnp.float32, x.dtype)
+    return jnp.einsum(spec, x, w, preferred_element_type=acc).astype(out_dtype)
 
 
 def _linear_fwd(spec, x, w, out_dtype):
@@ -39,6 +41,7 @@ def _linear_bwd(spec, out_dtype, res, g):
     x, w = res
     dx_spec, dw_spec = _backward_specs(spec)
     acc = jnp.promote_types(jnp.float32, x.dtype)
+    g = g.astype(x.dtype)  # e.g. fp32 logits' cotangent → bf16, so both backward GEMMs run in x's dtype
     dx = jnp.einsum(dx_spec, g, w, preferred_element_type=acc).astype(x.dtype)
     dw = jnp.einsum(dw_spec, x, g, preferred_element_type=acc).astype(w.dtype)
     return dx, dw
