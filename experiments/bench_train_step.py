@@ -123,6 +123,9 @@ def _timed(name: str, runner, steps: int, tokens: int, times: list[float]) -> No
 
 def main() -> None:
     args = _parse()
+    from internlm2_jax.host_memory import ENV_SWITCH, keep_host_memory
+
+    kept = keep_host_memory()  # before JAX's CPU client starts; process-wide, so PyTorch gets it too
     import jax
 
     from internlm2_jax.config import get_preset
@@ -148,6 +151,8 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind} x{n_dev}  preset={args.preset or 'bench-small'} "
           f"batch={bsz} seq={seq} dtype={dtype}{' (both frameworks)' if compare else ''} remat={remat} "
           f"layers={'unrolled' if args.unroll else 'scan'} attention={attn} loss_chunk={chunk}")
+    print(f"host allocator: {'one glibc arena, no mmap (internlm2_jax.host_memory; both frameworks)' if kept else 'glibc defaults'}"
+          f" — set {ENV_SWITCH}=0 for the defaults")
     fpt = flops_per_token(config, seq)
     peak = peak_flops_per_device()
     peak_note = "datasheet bf16 peak"
