@@ -37,12 +37,17 @@ def _parse() -> argparse.Namespace:
 
 
 def matmul_peak(dtype: str, n: int = 1024, reps: int = 20) -> float:
-    """Measured FLOP/s of an `n x n` jitted matmul in `dtype` on the default device (best of 3)."""
+    """Measured FLOP/s of an `n x n` jitted matmul in `dtype` on the default device (best of 3).
+
+    Accumulates in fp32 and casts back, as the model's projections do (XLA:CPU's fast bf16 GEMMs
+    write fp32; a bf16-output dot takes a ~2x slower path and would under-read the peak).
+    """
     import jax
     import jax.numpy as jnp
 
     a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: jax.lax.fori_loop(0, reps, lambda i, y: (y @ a) * 1e-3, x))
+    step = lambda i, y: (jnp.matmul(y, a, preferred_element_type=jnp.float32) * 1e-3).astype(dtype)
+    f = jax.jit(lambda x: jax.lax.fori_loop(0, reps, step, x))
     f(a).block_until_ready()
     best = float("inf")
     for _ in range(3):
