@@ -94,6 +94,9 @@ class InternLM2(nn.Module):
 
         embedding = logical_param(self, "tok_embeddings", nn.initializers.normal(cfg.initializer_range),
                                   (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.weight_dtype)
+        # FSDP-gather the table first (only `vocab` stays sharded): the lookup is then a local masked gather +
+        # reduce over `tensor`, rather than XLA replicating the `[B, S, D]` result over every device.
+        embedding = constrain(embedding, ("vocab", None))
         x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
         x = constrain(x, ("batch", "length", "embed"))
 
