@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from typing import Any
 
-_TOKEN_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|[^\W\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+")
+from internlm2_jax.data.dedup import shingle_tokens
 
 
 def approx_tokens(text: str) -> int:
-    """Whitespace words plus CJK characters (a tokenizer-free token count)."""
-    return len(_TOKEN_RE.findall(text))
+    """Word-character runs plus single CJK characters (a tokenizer-free token count; the same tokens
+    as the dedup shingles, `dedup.shingle_tokens`)."""
+    return len(shingle_tokens(text))
 
 
 class BadInput:

@@ -63,3 +63,11 @@ def test_beam_direct_runner_equals_local(tmp_path):
     assert beam == local
     for f in sum(local["files"].values(), []):
         assert (tmp_path / "local" / f).read_bytes() == (tmp_path / "beam" / f).read_bytes(), f
+
+
+def test_approx_tokens_counts_words_and_single_cjk_characters():
+    from internlm2_jax.data.stats import approx_tokens
+
+    # Hello, world, 你, 好, 世, 界, ＡＢ (full-width letters: one word), 豈, 更 (CJK compatibility block), 한, 국
+    assert approx_tokens("Hello, world! 你好 世界 ＡＢ 豈更 한국") == 11
+    assert approx_tokens("  \n\t ") == 0
