@@ -156,8 +156,8 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind} x{n_dev}  preset={args.preset or 'bench-small'} "
           f"batch={bsz} seq={seq} dtype={dtype}{' (both frameworks)' if compare else ''} remat={remat} "
           f"layers={'unrolled' if args.unroll else 'scan'} attention={attn} loss_chunk={chunk}")
-    print(f"host allocator: {'one glibc arena, no mmap (internlm2_jax.host_memory; both frameworks)' if kept else 'glibc defaults'}"
-          f" — set {ENV_SWITCH}=0 for the defaults")
+    allocator = "one glibc arena, no mmap (internlm2_jax.host_memory; both frameworks)" if kept else "glibc defaults"
+    print(f"host allocator: {allocator} — set {ENV_SWITCH}=0 for the defaults")
     fpt = flops_per_token(config, seq)
     peak = peak_flops_per_device()
     peak_note = "datasheet bf16 peak"

@@ -11,7 +11,6 @@ per-condition held-out accuracy).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ from internlm2_jax.rlhf.toy_tasks import TOY_CONDITIONS, CharTokenizer, toy_pref
 from internlm2_jax.sharding import MeshConfig, make_mesh
 from internlm2_jax.train.metrics_log import MetricsLog
 from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
-from internlm2_jax.train.runner import NonFiniteLossError
+from internlm2_jax.train.runner import report_skipped_step
 
 
 def load_preferences(data: Sequence[str], tokenizer: Optional[str], conditions: Optional[dict]):
@@ -91,10 +90,8 @@ def train_rm(workdir: str, model: ModelConfig = gin.REQUIRED, data: Sequence[str
                              step * token_budget / (time.perf_counter() - t0)})
             nonfinite = 0 if bool(m["finite"]) else nonfinite + 1
             if nonfinite:
-                logging.warning("RM step %d: non-finite loss or gradient; update skipped (%d in a row)", step, nonfinite)
-            if nonfinite >= max_nonfinite:
-                raise NonFiniteLossError(f"{max_nonfinite} consecutive non-finite reward-model steps (last at step "
-                                         f"{step}); stopping. Lower the lr or inspect the preference data")
+                report_skipped_step(step, nonfinite, max_nonfinite, "Lower the lr or inspect the preference data",
+                                    what="reward-model steps")
     result = {"steps": steps, "pairs": len(pairs), "dropped": dropped, **evaluate(model, params, held, names)}
     log.write(step, {f"eval/{k}": v for k, v in result.items()})
     log.close()

@@ -6,7 +6,6 @@ from typing import Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from internlm2_jax.config import ModelConfig

@@ -23,6 +23,15 @@ class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive non-finite steps."""
 
 
+def report_skipped_step(step: int, in_a_row: int, max_nonfinite: int, advice: str, what: str = "steps") -> None:
+    """Logs an update skipped for a non-finite loss or gradient; raises `NonFiniteLossError` once
+    `max_nonfinite` were skipped in a row (`advice` ends the error message)."""
+    log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step, in_a_row)
+    if in_a_row >= max_nonfinite:
+        raise NonFiniteLossError(
+            f"{max_nonfinite} consecutive non-finite {what} (last at step {step}); stopping. {advice}")
+
+
 class _StopFlag:
     """Set by SIGTERM/SIGINT; the loop finishes the step, saves and exits cleanly."""
 
@@ -121,12 +130,8 @@ def run_loop(trainer: Trainer, state: Any, start: int, train_it: Iterator[dict],
             tokens_seen += float(metrics["tokens"])
             done = step + 1
             if not metrics["finite"]:
-                log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)",
-                            done, int(metrics["skipped"]))
-                if int(metrics["skipped"]) >= max_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{max_nonfinite} consecutive non-finite steps (last at step {done}); stopping. The last "
-                        f"checkpoint holds finite params; lower the lr or inspect the data near this step")
+                report_skipped_step(done, int(metrics["skipped"]), max_nonfinite, "The last checkpoint holds finite "
+                                    "params; lower the lr or inspect the data near this step")
             else:
                 loss = float(metrics["loss"])
                 if ema is not None and loss > spike_factor * ema:
