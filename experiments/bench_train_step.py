@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from experiments import host_memory
+
 
 def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,9 +130,6 @@ def _timed(name: str, runner, steps: int, tokens: int, times: list[float]) -> No
 
 def main() -> None:
     args = _parse()
-    from internlm2_jax.host_memory import ENV_SWITCH, keep_host_memory
-
-    kept = keep_host_memory()  # before JAX's CPU client starts; process-wide, so PyTorch gets it too
     import jax
 
     from internlm2_jax.config import get_preset
@@ -156,8 +155,10 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind} x{n_dev}  preset={args.preset or 'bench-small'} "
           f"batch={bsz} seq={seq} dtype={dtype}{' (both frameworks)' if compare else ''} remat={remat} "
           f"layers={'unrolled' if args.unroll else 'scan'} attention={attn} loss_chunk={chunk}")
-    allocator = "one glibc arena, no mmap (internlm2_jax.host_memory; both frameworks)" if kept else "glibc defaults"
-    print(f"host allocator: {allocator} — set {ENV_SWITCH}=0 for the defaults")
+    # Set on import of `experiments` (before numpy/JAX threads); process-wide, so PyTorch gets it too.
+    kept = "one glibc arena, no mmap (experiments.host_memory; both frameworks)"
+    print(f"host allocator: {kept if host_memory.APPLIED else 'glibc defaults'} — set {host_memory.ENV_SWITCH}=0 "
+          "for the defaults")
     fpt = flops_per_token(config, seq)
     peak = peak_flops_per_device()
     peak_note = "datasheet bf16 peak"

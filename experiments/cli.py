@@ -13,13 +13,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 def parse_args(description: str, default_gin: Optional[str] = None,
                argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parses the common flags and applies the gin config; exits with one clear line on bad config.
-
-    Also keeps XLA:CPU's per-step host buffers mapped between steps (`internlm2_jax.host_memory`).
-    """
-    from internlm2_jax.host_memory import keep_host_memory
-
-    keep_host_memory()  # before JAX starts its CPU client
+    """Parses the common flags and applies the gin config; exits with one clear line on bad config."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--gin", action="append", default=[], help="gin config file (repeatable)")
     p.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. 'train.num_steps=10'")

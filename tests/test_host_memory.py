@@ -1,5 +1,6 @@
-"""`host_memory.keep_host_memory`: with it, the 64 MB temporary of a jitted call stays in glibc's heap after
-the call (reused by the next one); with `INTERNLM2_JAX_KEEP_HOST_MEMORY=0` it is unmapped (the default)."""
+"""`experiments.host_memory`: once `experiments` is imported, the 64 MB temporary of a jitted call stays in
+glibc's heap after the call (reused by the next one); with `INTERNLM2_JAX_KEEP_HOST_MEMORY=0` it is unmapped
+(the default)."""
 
 import os
 import subprocess
@@ -9,9 +10,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = """
+from experiments import host_memory  # first, as in an entry point: applies the settings on import
 import ctypes, ctypes.util
-from internlm2_jax.host_memory import keep_host_memory
-kept = keep_host_memory()
 import jax, jax.numpy as jnp
 
 class MallInfo2(ctypes.Structure):
@@ -24,7 +24,7 @@ f = jax.jit(lambda x: (jnp.sin(x) @ x[:, :8]).sum())  # sin(x): a 64 MB temporar
 x = jnp.ones((4096, 4096)).block_until_ready()
 for _ in range(3):
     f(x).block_until_ready()
-print(kept, libc.mallinfo2().fordblks >> 20)  # MiB freed but kept by malloc
+print(host_memory.APPLIED, libc.mallinfo2().fordblks >> 20)  # MiB freed but kept by malloc
 """
 
 

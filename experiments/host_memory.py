@@ -6,6 +6,11 @@ XLA:CPU allocates each execution's temporaries as one block (`posix_memalign`; ~
 page-faults the whole block in again: ~69k faults, ~25 % of a CPU train step here
 (`experiments/bench_train_step`). With one arena, no `mmap` and a high trim threshold, the block is
 reused from the heap. Process-wide and Linux/glibc only; a no-op elsewhere.
+
+Applied when the `experiments` package is imported (`experiments/__init__.py`), i.e. before an entry
+point imports numpy or JAX: a thread that already has its own arena (numpy's BLAS threads start on import)
+keeps it, and glibc hands later threads, XLA's among them, round-robin to the existing arenas. This module
+therefore imports nothing but the standard library.
 """
 
 from __future__ import annotations
@@ -21,16 +26,18 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc <malloc.h>
 ENV_SWITCH = "INTERNLM2_JAX_KEEP_HOST_MEMORY"
 """Set to `0` to leave glibc's allocator settings alone."""
+APPLIED = False
+"""Whether `keep_host_memory` has applied the settings in this process."""
 
 
 def keep_host_memory(trim_threshold: int = 2**31 - 1) -> bool:
     """Sets glibc's malloc to one arena, no `mmap` and `trim_threshold` bytes kept on free.
 
-    Call it before JAX creates its CPU client (its threads pick their arena on first use); the
-    entry points do it in `experiments.cli.parse_args`. Freed memory stays with the process (RSS
-    stays at the peak), which a training process reaches every step anyway.
-    Returns True when the settings were applied.
+    Call it before any thread exists (see the module docstring); importing `experiments` does.
+    Freed memory stays with the process (RSS stays at the peak), which a training process reaches
+    every step anyway. Returns True when the settings were applied.
     """
+    global APPLIED
     if os.environ.get(ENV_SWITCH, "1") == "0" or not sys.platform.startswith("linux"):
         return False
     name = ctypes.util.find_library("c")
@@ -43,4 +50,5 @@ def keep_host_memory(trim_threshold: int = 2**31 - 1) -> bool:
         (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, trim_threshold)))
     if not ok:
         log.warning("mallopt rejected a setting; host allocator left partly at its defaults")
+    APPLIED = APPLIED or ok
     return ok
