@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = """
 from experiments import host_memory  # first, as in an entry point: applies the settings on import
-import ctypes, ctypes.util
+import ctypes, ctypes.util, time
 import jax, jax.numpy as jnp
 
 class MallInfo2(ctypes.Structure):
@@ -24,6 +24,10 @@ f = jax.jit(lambda x: (jnp.sin(x) @ x[:, :8]).sum())  # sin(x): a 64 MB temporar
 x = jnp.ones((4096, 4096)).block_until_ready()
 for _ in range(3):
     f(x).block_until_ready()
+# XLA frees a call's temporaries asynchronously, shortly after its result is ready: wait (bounded) for it.
+deadline = time.monotonic() + 3.0
+while libc.mallinfo2().fordblks < (64 << 20) and time.monotonic() < deadline:
+    time.sleep(0.05)
 print(host_memory.APPLIED, libc.mallinfo2().fordblks >> 20)  # MiB freed but kept by malloc
 """
 
