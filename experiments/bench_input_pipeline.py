@@ -13,7 +13,7 @@ import argparse
 import time
 
 from internlm2_jax.input import InputConfig, make_pretrain_iterator
-from internlm2_jax.input.stdlib_corpus import DEFAULT_CACHE, build_stdlib_corpus, ensure_tokenizer
+from internlm2_jax.input.stdlib_corpus import build_stdlib_corpus, default_cache_dir, ensure_tokenizer
 from internlm2_jax.tokenizer import Tokenizer
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--read_threads", type=int, nargs="+", default=[0, 2])
     p.add_argument("--seconds", type=float, default=8.0)
-    p.add_argument("--cache_dir", default=DEFAULT_CACHE)
+    p.add_argument("--cache_dir", default=default_cache_dir())
     a = p.parse_args()
 
     t = time.perf_counter()

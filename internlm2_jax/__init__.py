@@ -10,7 +10,8 @@ Public API:
 """
 
 from internlm2_jax.config import PRESETS, ModelConfig, get_preset
-from internlm2_jax.hf_io import CheckpointMismatchError, load_hf, save_hf, save_hf_llama
+from internlm2_jax.hf_config import HFConfigError
+from internlm2_jax.hf_io import CheckpointCorruptError, CheckpointMismatchError, load_hf, save_hf, save_hf_llama
 from internlm2_jax.model import (
     abstract_params,
     decode_step,
@@ -24,7 +25,7 @@ from internlm2_jax.model import (
 from internlm2_jax.tokenizer import Tokenizer
 
 __all__ = [
-    "PRESETS", "ModelConfig", "get_preset", "CheckpointMismatchError", "load_hf", "save_hf", "save_hf_llama",
+    "PRESETS", "ModelConfig", "get_preset", "CheckpointCorruptError", "CheckpointMismatchError", "HFConfigError", "load_hf", "save_hf", "save_hf_llama",
     "abstract_params", "decode_step", "forward", "hidden_states", "init_cache", "init_params", "param_count",
     "prefill", "Tokenizer",
 ]

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Optional
 
 import jax.numpy as jnp
 
-ROPE_SCALING_TYPES = ("dynamic", "linear")
+from internlm2_jax.hf_config import (
+    ROPE_SCALING_TYPES,
+    HFConfigError,
+    model_kwargs_from_hf,
+    read_hf_config,
+    rope_to_hf,
+)
+
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 REMAT_POLICIES = (
     "none",  # no rematerialization: keep every activation
@@ -130,32 +136,18 @@ class ModelConfig:
     # ---- HF interop ---------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, config: str | os.PathLike | dict, **overrides: Any) -> "ModelConfig":
-        """Reads an HF InternLM2 `config.json` (path, folder or dict); `overrides` replace fields."""
+        """Reads an HF InternLM2 `config.json` (path, folder or dict; transformers 4 or 5 spelling, see
+        `internlm2_jax.hf_config`); `overrides` replace fields. Dtypes are not read here (see `load_hf`)."""
+        where = "config"
         if not isinstance(config, dict):
-            path = os.fspath(config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"HF config not found: {path}")
-            with open(path) as f:
-                config = json.load(f)
-        hf = dict(config)
-        if hf.get("model_type", "internlm2") != "internlm2":
-            raise ValueError(f"config model_type {hf['model_type']!r} is not an InternLM2 config")
+            config, where = read_hf_config(config)
         fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in hf.items() if k in fields and k not in ("dtype", "param_dtype")}
-        if "head_dim" in hf and hf["head_dim"] is None:
-            kwargs.pop("head_dim")
-        scaling = hf.get("rope_scaling")
-        if scaling:
-            kind = scaling.get("type", scaling.get("rope_type"))
-            kwargs["rope_scaling"] = {"type": kind, "factor": float(scaling.get("factor", 1.0))}
-        else:
-            kwargs["rope_scaling"] = None
-        if "rope_theta" in hf:
-            kwargs["rope_theta"] = float(hf["rope_theta"])
+        kwargs = model_kwargs_from_hf(config, fields, where)
         kwargs.update(overrides)
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise HFConfigError(f"{where}: {e}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """The HF InternLM2 `config.json` dict (remote-code architecture names included)."""
@@ -174,8 +166,7 @@ class ModelConfig:
             "num_key_value_heads": self.num_key_value_heads,
             "hidden_act": "silu",
             "max_position_embeddings": self.max_position_embeddings,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling_dict,
+            **rope_to_hf(self.rope_theta, self.rope_scaling_dict),
             "rms_norm_eps": self.rms_norm_eps,
             "bias": False,
             "tie_word_embeddings": False,
@@ -185,6 +176,7 @@ class ModelConfig:
             "pad_token_id": self.pad_token_id,
             "attn_implementation": "eager",
             "torch_dtype": "bfloat16" if self.weight_dtype == jnp.bfloat16 else "float32",
+            "dtype": "bfloat16" if self.weight_dtype == jnp.bfloat16 else "float32",  # transformers 5's key
             "use_cache": True,
         }
 

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from internlm2_jax.config import ModelConfig
+from internlm2_jax.hf_config import checkpoint_dtype, read_hf_config, rope_to_hf
 from internlm2_jax.model import Params, abstract_params
 
 Tensors = dict[str, np.ndarray]
@@ -133,6 +134,10 @@ def box_like(config: ModelConfig, plain: dict) -> Params:
 
 # ---- reading checkpoints ---------------------------------------------------------------------------
 
+class CheckpointCorruptError(ValueError):
+    """A checkpoint file that cannot be read, or a tensor holding NaN/inf (the message names file and tensor)."""
+
+
 class _TensorReader:
     """Lazily reads tensors from `*.safetensors` (index-sharded or single) or `pytorch_model*.bin`."""
 
@@ -142,33 +147,42 @@ class _TensorReader:
         st_files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         bin_files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
         self._torch: Optional[dict] = None
+        self._torch_files: dict[str, str] = {}
+        self._handles: dict[str, Any] = {}
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            for name, fn in weight_map.items():
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+                items = list(weight_map.items())
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointCorruptError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+            for name, fn in items:
                 full = os.path.join(path, fn)
                 if not os.path.exists(full):
                     raise FileNotFoundError(f"{index} lists {fn} for {name}, but the file is missing")
                 self.files[name] = full
         elif st_files:
             for fn in st_files:
-                with safe_open(fn, "np") as f:
-                    self.files.update({k: fn for k in f.keys()})
+                self.files.update({k: fn for k in self._handle(fn).keys()})
         elif bin_files:
             self._torch = self._load_torch(bin_files)
         else:
             raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin checkpoint in {path}")
-        self._handles: dict[str, Any] = {}
 
-    @staticmethod
-    def _load_torch(files: Iterable[str]) -> dict:
+    def _load_torch(self, files: Iterable[str]) -> dict:
         try:
             import torch
         except ImportError as e:
             raise ImportError("reading pytorch_model*.bin needs torch; install it or convert to safetensors") from e
         out = {}
         for fn in files:
-            for k, v in torch.load(fn, map_location="cpu", weights_only=True).items():
+            try:
+                state = torch.load(fn, map_location="cpu", weights_only=True)
+            except Exception as e:  # torch raises many types for a truncated or foreign file
+                raise CheckpointCorruptError(f"{fn}: not a readable torch checkpoint ({type(e).__name__}: "
+                                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            for k, v in state.items():
+                self._torch_files[k] = fn
                 if v.dtype == torch.bfloat16:
                     out[k] = v.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
                 else:
@@ -180,36 +194,65 @@ class _TensorReader:
             return {k: v.shape for k, v in self._torch.items()}
         out = {}
         for name, fn in self.files.items():
-            out[name] = tuple(self._handle(fn).get_slice(name).get_shape())
+            try:
+                out[name] = tuple(self._handle(fn).get_slice(name).get_shape())
+            except Exception as e:  # safetensors raises its own error type for names missing from a shard
+                raise CheckpointCorruptError(f"{fn}: cannot read tensor {name} ({e})") from None
         return out
 
     def _handle(self, fn: str):
         if fn not in self._handles:
-            self._handles[fn] = safe_open(fn, "np")
+            try:
+                self._handles[fn] = safe_open(fn, "np")
+            except Exception as e:  # SafetensorError / OSError for truncated or garbage files
+                raise CheckpointCorruptError(f"{fn}: not a readable safetensors file ({e})") from None
         return self._handles[fn]
+
+    def file_of(self, name: str) -> str:
+        return self._torch_files.get(name, "") if self._torch is not None else self.files[name]
 
     def get(self, name: str) -> np.ndarray:
         if self._torch is not None:
             return self._torch[name]
-        return self._handle(self.files[name]).get_tensor(name)
+        try:
+            return self._handle(self.files[name]).get_tensor(name)
+        except CheckpointCorruptError:
+            raise
+        except Exception as e:
+            raise CheckpointCorruptError(f"{self.files[name]}: cannot read tensor {name} ({e})") from None
+
+    def get_checked(self, name: str, dtype: np.dtype, check_finite: bool) -> np.ndarray:
+        """Tensor `name` cast to `dtype`; NaN/inf values are an error naming the file and tensor."""
+        x = self.get(name)
+        if check_finite and not np.isfinite(x).all():
+            bad = int(x.size - np.isfinite(x).sum())
+            raise CheckpointCorruptError(f"{self.file_of(name)}: tensor {name} has {bad} non-finite values "
+                                         f"(NaN/inf) of {x.size}")
+        return x.astype(dtype, copy=False)
 
 
-def load_hf(path: str | os.PathLike, *, param_dtype: Any = None, **config_overrides: Any) -> tuple[ModelConfig, Params]:
+def load_hf(path: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None, check_finite: bool = True,
+            **config_overrides: Any) -> tuple[ModelConfig, Params]:
     """Loads an HF InternLM2 checkpoint folder → `(ModelConfig, params)`.
 
-    Params keep the checkpoint's dtype unless `param_dtype` is given (e.g. `"float32"` master
-    weights); `config_overrides` replace `ModelConfig` fields (`dtype`, `scan_layers`, ...).
+    Params keep the checkpoint's dtype unless `param_dtype` is given (e.g. `"float32"` master weights).
+    The compute `dtype` defaults to the checkpoint's own (`dtype` / `torch_dtype` in `config.json`, else its
+    tensors' dtype), so `load_hf(save_hf(x))` computes exactly like `x` for an fp32 checkpoint; pass
+    `dtype="bfloat16"` to override. `config_overrides` replace other `ModelConfig` fields (`scan_layers`, ...).
+    `check_finite` rejects tensors holding NaN/inf.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"HF checkpoint folder not found: {path}")
-    config = ModelConfig.from_hf(path, **config_overrides)
+    config = ModelConfig.from_hf(path, **config_overrides)  # errors name the config.json
+    hf, _ = read_hf_config(path)
     reader = _TensorReader(path)
     _check_tensors(config, reader.shapes(), path)
-    ckpt_dtype = np.dtype(reader.get("model.norm.weight").dtype)
-    config = dataclasses.replace(config, param_dtype=param_dtype or ckpt_dtype.name)
+    ckpt_dtype = np.dtype(reader.get("model.norm.weight").dtype).name
+    config = dataclasses.replace(config, param_dtype=param_dtype or ckpt_dtype,
+                                 dtype=dtype or checkpoint_dtype(hf) or ckpt_dtype)
     target = np.dtype(config.weight_dtype)
-    plain = hf_to_params(config, lambda n: reader.get(n).astype(target, copy=False))
+    plain = hf_to_params(config, lambda n: reader.get_checked(n, target, check_finite))
     return config, box_like(config, jax.tree.map(jax.numpy.asarray, plain))
 
 
@@ -246,7 +289,7 @@ def save_hf(config: ModelConfig, params: Params, path: str | os.PathLike, *,
     _check_tensors(config, {k: v.shape for k, v in tensors.items()}, "params")
     _write_sharded(tensors, path, max_shard_bytes, {"format": "pt"})
     hf = config.to_hf()
-    hf["torch_dtype"] = np.dtype(tensors["model.norm.weight"].dtype).name
+    hf["torch_dtype"] = hf["dtype"] = np.dtype(tensors["model.norm.weight"].dtype).name
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
 
@@ -282,13 +325,12 @@ def save_hf_llama(config: ModelConfig, params: Params, path: str | os.PathLike, 
         "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": kvh, "head_dim": hd, "hidden_act": "silu",
         "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_scaling": None if rope_scaling is None else {
-            "rope_type": rope_scaling.get("type", rope_scaling.get("rope_type")), "factor": rope_scaling["factor"]},
+        **rope_to_hf(config.rope_theta, rope_scaling),
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id,
         "torch_dtype": np.dtype(out["model.norm.weight"].dtype).name,
+        "dtype": np.dtype(out["model.norm.weight"].dtype).name,
     }
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)

@@ -10,26 +10,29 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import sentencepiece as spm
 
-CHAT_SPECIALS = (
-    "<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>",
+from internlm2_jax.chat_format import (  # noqa: F401  (re-exported: the tokenizer's public constants)
+    CHAT_ROLES,
+    CHAT_SPECIALS,
+    RELEASED_SPECIAL_IDS,
+    RELEASED_VOCAB_SIZE,
+    REWARD_TOKEN_ID,
+    TOOL_NAMES,
+    Message,
+    Span,
+    mask_from_offsets,
+    render_chat,
 )
-# Ids of the chat specials in the released 92544-piece InternLM2 tokenizer (they occupy spare slots,
-# so raw sentencepiece never produces them from text).
-RELEASED_SPECIAL_IDS = {
-    "<|plugin|>": 92538, "<|interpreter|>": 92539, "<|action_end|>": 92540,
-    "<|action_start|>": 92541, "<|im_end|>": 92542, "<|im_start|>": 92543,
-}
-RELEASED_VOCAB_SIZE = 92544
-REWARD_TOKEN_ID = 92527  # InternLM2-Reward reads its score here.
-CHAT_ROLES = ("system", "user", "assistant", "environment")
-TOOL_NAMES = {"plugin": "<|plugin|>", "interpreter": "<|interpreter|>"}
+
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 class Tokenizer:
-    """InternLM2 tokenizer: sentencepiece for text, a hand-made table for the chat specials.
+    """InternLM2 tokenizer: sentencepiece for text, a table for the added (special) tokens.
 
-    `encode` splits the text on the special strings (`<s>`, `</s>`, `<|im_start|>`, ...) and maps
-    each to its id, so chat markup in text becomes single tokens like the HF tokenizer does.
+    Like the HF slow tokenizer, `encode` splits the text on the added tokens' strings (`<unk>`, `<s>`,
+    `</s>`, `<|im_start|>`, ...), maps each to its id and sentencepieces the text between them. The
+    table comes from `special_ids=`, else from `tokenizer_config.json`'s `added_tokens_decoder` beside
+    the model, else from the model's own pieces (tokenizers trained here), else the released ids.
     """
 
     def __init__(self, model_path: str | os.PathLike, special_ids: Optional[dict[str, int]] = None):
@@ -39,16 +42,29 @@ class Tokenizer:
         if not os.path.exists(path):
             raise FileNotFoundError(f"sentencepiece model not found: {path}")
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=path)
-        self.special_ids = dict(special_ids) if special_ids is not None else self._find_special_ids()
-        self.special_ids.setdefault("<s>", self.sp.bos_id())
-        self.special_ids.setdefault("</s>", self.sp.eos_id())
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
+        self.hf_config = _read_hf_config(os.path.join(os.path.dirname(path), HF_TOKENIZER_CONFIG))
+        if special_ids is not None:
+            self.special_ids = dict(special_ids)
+        elif self.hf_config is not None and self.hf_config.get("added_tokens_decoder"):
+            self.special_ids = {t["content"]: int(i) for i, t in self.hf_config["added_tokens_decoder"].items()}
+        else:
+            self.special_ids = self._find_special_ids()
+        for text, i in (("<unk>", self.sp.unk_id()), ("<s>", self.sp.bos_id()), ("</s>", self.sp.eos_id())):
+            if i >= 0:
+                self.special_ids.setdefault(text, i)
         bad = {s: i for s, i in self.special_ids.items() if not 0 <= i < self.vocab_size}
         if bad:
             raise ValueError(f"special token ids outside the vocabulary ({self.vocab_size}): {bad}")
+        missing = [s for s in ("<s>", "</s>", "<|im_start|>", "<|im_end|>") if s not in self.special_ids]
+        if missing:
+            raise ValueError(f"tokenizer {self.path}: no id for {missing}")
         self.id_to_special = {i: s for s, i in self.special_ids.items()}
         pattern = "|".join(re.escape(s) for s in sorted(self.special_ids, key=len, reverse=True))
-        self._split_re = re.compile(f"({pattern})")
+        self._split_re = re.compile(pattern)
 
     def _find_special_ids(self) -> dict[str, int]:
         found = {s: self.sp.piece_to_id(s) for s in CHAT_SPECIALS}
@@ -101,15 +117,24 @@ class Tokenizer:
             )
 
     # ---- text <-> ids --------------------------------------------------------------------------
+    def _segments(self, text: str, allow_special: bool) -> Iterable[tuple[int, str, bool]]:
+        """`(start, piece, is_special)` runs of `text` split on the special strings."""
+        pos = 0
+        if allow_special:
+            for m in self._split_re.finditer(text):
+                if m.start() > pos:
+                    yield pos, text[pos:m.start()], False
+                yield m.start(), m.group(), True
+                pos = m.end()
+        if pos < len(text):
+            yield pos, text[pos:], False
+
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False,
                allow_special: bool = True) -> list[int]:
         """Token ids of `text`; special strings become their ids when `allow_special`."""
         ids: list[int] = [self.bos_id] if add_bos else []
-        parts = self._split_re.split(text) if allow_special else [text]
-        for i, part in enumerate(parts):
-            if not part:
-                continue
-            if allow_special and i % 2 == 1:
+        for _, part, special in self._segments(text, allow_special):
+            if special:
                 ids.append(self.special_ids[part])
             else:
                 ids.extend(self.sp.encode(part))
@@ -117,8 +142,23 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
+    def encode_with_offsets(self, text: str, *, allow_special: bool = True) -> tuple[list[int], list[Span]]:
+        """`encode(text)` plus each token's `[start, end)` character span in `text` (the leading
+        byte-fallback pieces of a multi-byte character have zero-width spans at its start)."""
+        ids: list[int] = []
+        spans: list[Span] = []
+        for start, part, special in self._segments(text, allow_special):
+            if special:
+                ids.append(self.special_ids[part])
+                spans.append((start, start + len(part)))
+                continue
+            for piece in self.sp.encode(part, out_type="immutable_proto").pieces:
+                ids.append(piece.id)
+                spans.append((start + piece.begin, start + piece.end))
+        return ids, spans
+
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
-        """Text of `ids`; specials render as their strings unless `skip_special`."""
+        """Text of `ids`; added tokens render as their strings unless `skip_special`."""
         out: list[str] = []
         run: list[int] = []
         for i in (int(t) for t in np.asarray(list(ids)).reshape(-1)):
@@ -133,55 +173,33 @@ class Tokenizer:
         return "".join(out)
 
     # ---- chat format ---------------------------------------------------------------------------
-    def encode_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = False) -> list[int]:
-        """InternLM2 chat ids: `<s>` then `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message."""
+    def encode_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> list[int]:
+        """InternLM2 chat ids (see `internlm2_jax.chat_format`): the rendered conversation, encoded whole."""
         return self.encode_chat_with_mask(messages, add_generation_prompt=add_generation_prompt)[0]
 
-    def encode_chat_with_mask(
-        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = False
-    ) -> tuple[list[int], list[bool]]:
-        """Chat ids and a loss mask: True on assistant content and its `<|im_end|>` only."""
-        ids, mask = [self.bos_id], [False]
-        for n, msg in enumerate(messages):
-            header, content = render_message(msg, index=n)
-            is_assistant = msg["role"] == "assistant"
-            h = [self.im_start_id] + self.encode(header + "\n")
-            c = self.encode(content) + [self.im_end_id]
-            nl = self.encode("\n")
-            ids += h + c + nl
-            mask += [False] * len(h) + [is_assistant] * len(c) + [False] * len(nl)
-        if add_generation_prompt:
-            g = [self.im_start_id] + self.encode("assistant\n")
-            ids += g
-            mask += [False] * len(g)
-        return ids, mask
+    def encode_chat_with_mask(self, messages: Sequence[Message], *, add_generation_prompt: bool = False,
+                              train_on: str = "all") -> tuple[list[int], list[bool]]:
+        """Chat ids and a loss mask: True on assistant content (tool calls included) and its `<|im_end|>`.
+
+        `train_on="last"` keeps the loss on the final assistant turn only.
+        """
+        chat = render_chat(messages, add_generation_prompt=add_generation_prompt, train_on=train_on)
+        ids, spans = self.encode_with_offsets(chat.text)
+        return ids, mask_from_offsets(spans, chat.trained)
 
 
-def render_message(msg: dict[str, Any], *, index: int = 0) -> tuple[str, str]:
-    """`(header, content)` strings of one chat message in InternLM2's format.
-
-    `msg`: `{"role": system|user|assistant|environment, "content": str, "name"?: plugin|interpreter,
-    "tool_call"?: {"name": ..., "parameters": ...}}` (assistant tool calls render as
-    `<|action_start|><|plugin|>\\n{json}<|action_end|>` after the content).
-    """
-    role = msg.get("role")
-    if role not in CHAT_ROLES:
-        raise ValueError(f"message {index}: unknown role {role!r}; expected one of {CHAT_ROLES}")
-    content = msg.get("content") or ""
-    if not isinstance(content, str):
-        raise ValueError(f"message {index}: content must be a string, got {type(content).__name__}")
-    header = role
-    name = msg.get("name")
-    if name is not None:
-        if name not in TOOL_NAMES:
-            raise ValueError(f"message {index}: unknown tool name {name!r}; expected one of {sorted(TOOL_NAMES)}")
-        header = f"{role} name={TOOL_NAMES[name]}"
-    call = msg.get("tool_call")
-    if call is not None:
-        if role != "assistant":
-            raise ValueError(f"message {index}: only assistant turns may carry a tool_call")
-        tool = TOOL_NAMES[call.get("type", "plugin")]
-        body = call.get("code") if tool == "<|interpreter|>" else json.dumps(
-            {"name": call["name"], "parameters": call.get("parameters", {})}, ensure_ascii=False)
-        content = f"{content}<|action_start|>{tool}\n{body}<|action_end|>"
-    return header, content
+def _read_hf_config(path: str) -> Optional[dict[str, Any]]:
+    """`tokenizer_config.json` as a dict, None when absent; a broken file is an error naming it."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        added = config.get("added_tokens_decoder") or {}
+        for i, token in added.items():
+            int(i), token["content"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: bad added_tokens_decoder entry ({type(e).__name__}: {e})") from None
+    return config

@@ -13,3 +13,21 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="inte
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+# The released InternLM2 tokenizer files (third-party data, never committed): `.ci/run` points this at
+# ../shared/internlm2 when that folder exists; tests that need them skip with this reason otherwise.
+ASSETS_ENV = "INTERNLM2_ASSETS"
+
+
+@pytest.fixture(scope="session")
+def released_assets() -> str:
+    """Folder with InternLM2's released `tokenizer.model` and the internlm2-chat `tokenizer_config.json`."""
+    path = os.environ.get(ASSETS_ENV)
+    if not path:
+        pytest.skip(f"{ASSETS_ENV} is not set: no released InternLM2 tokenizer files to test against")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        if not os.path.exists(os.path.join(path, name)):
+            pytest.skip(f"{ASSETS_ENV}={path} has no {name}")
+    return path

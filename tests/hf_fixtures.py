@@ -90,8 +90,7 @@ def llama_state_dict(cfg: dict, t: dict[str, np.ndarray]):
 
 def torch_llama(cfg: dict, tensors: dict[str, np.ndarray], rope_scaling: Optional[dict] = None):
     """transformers LlamaForCausalLM (fp32, eager) holding the de-interleaved weights."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     lc = LlamaConfig(
         vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
@@ -101,6 +100,14 @@ def torch_llama(cfg: dict, tensors: dict[str, np.ndarray], rope_scaling: Optiona
         rope_parameters={"rope_type": "default", "rope_theta": cfg["rope_theta"]} if rope_scaling is None else
         {"rope_type": rope_scaling["type"], "factor": rope_scaling["factor"], "rope_theta": cfg["rope_theta"]},
     )
+    return torch_llama_from_config(lc, cfg, tensors)
+
+
+def torch_llama_from_config(lc, cfg: dict, tensors: dict[str, np.ndarray]):
+    """LlamaForCausalLM (fp32, eager) for transformers config `lc` holding the de-interleaved weights."""
+    import torch
+    from transformers import LlamaForCausalLM
+
     lc._attn_implementation = "eager"
     model = LlamaForCausalLM(lc).eval().to(torch.float32)
     missing, unexpected = model.load_state_dict(llama_state_dict(cfg, tensors), strict=False)

@@ -60,3 +60,57 @@ def test_validation_messages():
     with pytest.raises(KeyError, match="unknown model preset"):
         ij.get_preset("internlm9")
     assert dataclasses.replace(ij.PRESETS["tiny"], dtype="float32").compute_dtype == "float32"
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_theta": 5e4, "rope_scaling": {"type": "dynamic", "factor": 2.0}},                    # transformers 4
+    {"rope_theta": 5e4, "rope_scaling": {"rope_type": "dynamic", "factor": 2}},                 # 4, newer key
+    {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5e4}},               # θ inside
+    {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5e4}},            # transformers 5
+    {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}, "rope_theta": 5e4},            # θ outside
+    {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5e4},
+     "rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_theta": 5e4},                    # what save_hf writes
+])
+def test_from_hf_reads_every_rope_spelling(rope):
+    base = {k: v for k, v in TINY_HF.items() if k not in ("rope_theta", "rope_scaling")}
+    c = ij.ModelConfig.from_hf({**base, **rope})
+    assert (c.rope_theta, c.rope_scaling_dict) == (5e4, {"type": "dynamic", "factor": 2.0})
+
+
+@pytest.mark.parametrize("rope,plain", [
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 5e4}}, (5e4, None)),
+    ({"rope_scaling": None, "rope_theta": 5e4}, (5e4, None)),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e4}}, (5e4, {"type": "linear",
+                                                                                         "factor": 4.0})),
+    ({}, (10000.0, None)),  # InternLM2Config's own default base when the key is absent
+])
+def test_from_hf_default_and_linear(rope, plain):
+    base = {k: v for k, v in TINY_HF.items() if k not in ("rope_theta", "rope_scaling")}
+    c = ij.ModelConfig.from_hf({**base, **rope})
+    assert (c.rope_theta, c.rope_scaling_dict) == plain
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "rope_parameters type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}}, "type 'llama3'"),
+    ({"rope_scaling": {"type": "dynamic"}}, "factor must be a number >= 1"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 0.5}}, "factor must be a number >= 1"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}, "rope_scaling": {"type": "linear", "factor": 2.0}},
+     "disagree"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "rope_theta": 1e4}, "RoPE bases disagree"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default"}}}, "per-layer-type"),
+    ({"hidden_size": "64"}, "hidden_size must be a non-negative integer"),
+    ({"vocab_size": None}, "missing required key 'vocab_size'"),
+])
+def test_from_hf_rejects_bad_rope_and_fields(bad, match):
+    with pytest.raises(ij.HFConfigError, match=match):
+        ij.ModelConfig.from_hf({**TINY_HF, **bad})
+
+
+def test_from_hf_names_the_broken_file(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "internlm2", "vocab_size": ')
+    with pytest.raises(ij.HFConfigError, match=r"config\.json: not valid JSON"):
+        ij.ModelConfig.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "internlm2"}')
+    with pytest.raises(ij.HFConfigError, match=r"config\.json: missing required key 'vocab_size'"):
+        ij.ModelConfig.from_hf(tmp_path)

@@ -27,10 +27,13 @@ def params():
     return nn.meta.unbox(init_params(CONFIG, jax.random.key(0)))
 
 
-def test_chat_frame_is_encode_chat(tok):
+def test_chat_frame_is_the_chat_rendering(tok):
     head, tail = needle.prompt_frame(tok, "chat")
-    assert head + tail == tok.encode_chat([{"role": "user", "content": "\n\n" + needle.QUESTION}],
-                                          add_generation_prompt=True)
+    haystack = " The grass is green."
+    full = tok.encode_chat([{"role": "user", "content": haystack + "\n\n" + needle.QUESTION}],
+                           add_generation_prompt=True)
+    assert head + tok.encode(haystack) + tail == full  # a haystack starting with a space merges with nothing
+    assert tok.decode(head) == "<s><|im_start|>user\n"
     assert head[:2] == [tok.bos_id, tok.im_start_id] and tail[-1:] == tok.encode("assistant\n")[-1:]
     with pytest.raises(ValueError, match="prompt_format"):
         needle.prompt_frame(tok, "markdown")

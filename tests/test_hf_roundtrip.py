@@ -83,3 +83,62 @@ def test_pytorch_bin_checkpoint(tmp_path):
     config, params = ij.load_hf(tmp_path)
     back = ij.hf_io.params_to_hf(config, params)
     assert all(np.array_equal(back[k], v) for k, v in tensors.items())
+
+
+def test_load_keeps_the_checkpoint_dtype(tmp_path):
+    """The README's round trip: an fp32 checkpoint computes in fp32 after save_hf → load_hf (identical logits)."""
+    import jax
+    import jax.numpy as jnp
+
+    config = ij.get_preset("tiny", dtype="float32")
+    params = ij.init_params(config, jax.random.key(0))
+    ij.save_hf(config, params, tmp_path / "fp32")
+    config2, params2 = ij.load_hf(tmp_path / "fp32")
+    assert (config2.compute_dtype, config2.weight_dtype) == (np.float32, np.float32)
+    tokens = jnp.array([[1, 17, 42, 99, 7, 300]])
+    assert np.array_equal(np.asarray(ij.forward(config, params, tokens)),
+                          np.asarray(ij.forward(config2, params2, tokens)))
+    assert ij.load_hf(tmp_path / "fp32", dtype="bfloat16")[0].compute_dtype == jnp.bfloat16
+    bf16 = random_hf_tensors(TINY_HF, dtype=ml_dtypes.bfloat16)
+    write_hf_checkpoint(str(tmp_path / "bf16"), {**TINY_HF, "torch_dtype": "bfloat16"}, bf16)
+    assert ij.load_hf(tmp_path / "bf16")[0].compute_dtype == jnp.bfloat16
+    write_hf_checkpoint(str(tmp_path / "v5"), {**TINY_HF, "dtype": "float32"}, bf16)  # transformers 5's key
+    assert ij.load_hf(tmp_path / "v5")[0].compute_dtype == jnp.float32
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weights_are_named(tmp_path, value):
+    tensors = random_hf_tensors(TINY_HF)
+    tensors["model.layers.1.feed_forward.w2.weight"][3, 5] = value
+    write_hf_checkpoint(str(tmp_path), TINY_HF, tensors, shards=2)
+    with pytest.raises(ij.CheckpointCorruptError,
+                       match=r"model-0000\d-of-00002\.safetensors: tensor model\.layers\.1\.feed_forward\.w2\.weight "
+                             r"has 1 non-finite"):
+        ij.load_hf(tmp_path)
+    ij.load_hf(tmp_path, check_finite=False)  # an explicit opt-out loads it
+
+
+def test_truncated_and_garbage_files_are_named(tmp_path):
+    write_hf_checkpoint(str(tmp_path / "t"), TINY_HF, random_hf_tensors(TINY_HF))
+    st = tmp_path / "t" / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    with pytest.raises(ij.CheckpointCorruptError, match=r"model\.safetensors: not a readable safetensors file"):
+        ij.load_hf(tmp_path / "t")
+    st.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(ij.CheckpointCorruptError, match=r"model\.safetensors: not a readable safetensors file"):
+        ij.load_hf(tmp_path / "t")
+    write_hf_checkpoint(str(tmp_path / "i"), TINY_HF, random_hf_tensors(TINY_HF), shards=2)
+    (tmp_path / "i" / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ij.CheckpointCorruptError, match=r"model\.safetensors\.index\.json: not a safetensors index"):
+        ij.load_hf(tmp_path / "i")
+    (tmp_path / "i" / "config.json").write_text("{")
+    with pytest.raises(ij.HFConfigError, match=r"config\.json: not valid JSON"):
+        ij.load_hf(tmp_path / "i")
+
+
+def test_garbage_torch_bin_is_named(tmp_path):
+    pytest.importorskip("torch")
+    json.dump(TINY_HF, open(tmp_path / "config.json", "w"))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a torch file" * 10)
+    with pytest.raises(ij.CheckpointCorruptError, match=r"pytorch_model\.bin: not a readable torch checkpoint"):
+        ij.load_hf(tmp_path)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from internlm2_jax.input import InputConfig, make_pretrain_iterator
-from internlm2_jax.input.stdlib_corpus import build_stdlib_corpus, ensure_tokenizer, stdlib_files
+from internlm2_jax.input.stdlib_corpus import build_stdlib_corpus, default_cache_dir, ensure_tokenizer, stdlib_files
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +73,21 @@ def test_stdlib_uri_kind(tmp_path):
 
     src = open_config_source(f"stdlib:{tmp_path}", "validation", InputConfig())
     assert len(src) > 0 and "def " in "".join(src[i] for i in range(len(src)))
+
+
+def test_default_cache_dir_is_the_user_cache(monkeypatch, tmp_path, capfd):
+    monkeypatch.delenv("INTERNLM2_JAX_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == str(tmp_path / "home" / ".cache" / "internlm2_jax")  # what the README says
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == str(tmp_path / "xdg" / "internlm2_jax")
+    monkeypatch.setenv("INTERNLM2_JAX_CACHE", str(tmp_path / "mine"))
+    assert default_cache_dir() == str(tmp_path / "mine")
+    capfd.readouterr()
+    d = build_stdlib_corpus(None, max_bytes=50_000, num_shards=1)
+    assert str(d).startswith(str(tmp_path / "mine"))
+    first = capfd.readouterr().err
+    build_stdlib_corpus(None, max_bytes=50_000, num_shards=1)
+    assert first.count("\n") == 1 and "building the Python-stdlib pretraining corpus" in first
+    assert capfd.readouterr().err == ""  # nothing when cached

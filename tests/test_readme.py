@@ -36,3 +36,7 @@ def test_python_snippet_runs(tmp_path, monkeypatch):
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["logits"].shape == (1, 4, 512) and scope["next_logits"].shape == (1, 512)
+    # save_hf → load_hf is an identity: same dtypes, same logits.
+    ij, tokens = scope["ij"], scope["tokens"]
+    assert scope["config2"].compute_dtype == scope["config"].compute_dtype
+    assert (ij.forward(scope["config2"], scope["params2"], tokens) == scope["logits"]).all()

@@ -82,6 +82,23 @@ def test_chatml_round_trip(tok):
         parse_chatml("junk" + text)
 
 
+def test_chatml_round_trip_interpreter_named_turns_and_lagent_plugin_form():
+    from internlm2_jax.chat_format import render_chat
+
+    conv = [{"role": "system", "name": "interpreter", "content": "You can run Python."},
+            {"role": "user", "content": "Mean of data.csv?"},
+            {"role": "user", "name": "file", "content": '[{"path": "data.csv"}]'},
+            {"role": "assistant", "content": "Computing.\n\n",
+             "tool_call": {"type": "interpreter", "code": "```python\nprint(2)\n```"}},
+            {"role": "environment", "name": "interpreter", "content": "2\n"},
+            {"role": "assistant", "content": "It is 2."}]
+    text = render_chat(conv).text
+    assert "```<|action_end|>\n<|im_end|>" in text  # chat_format.md's interpreter form
+    assert parse_chatml(text) == conv and render_chat(parse_chatml(text)).text == text
+    lagent = render_chat(TOOL_CONV).text.replace("<|action_end|><|im_end|>", "<|action_end|>\n<|im_end|>")
+    assert parse_chatml(lagent) == TOOL_CONV  # Lagent's plugin form reads the same
+
+
 def test_bad_lines_error_or_skip(tmp_path, tok):
     good = json.dumps({"instruction": "a", "output": "b"})
     lines = [good, "{not json", json.dumps({"messages": [{"role": "wizard", "content": "x"}]}),

@@ -4,7 +4,7 @@ The haystack is assembled at the token level: filler sentences are tokenized one
 `" " + sentence`) and concatenated until the prompt reaches the context-length budget, and the
 needle's ids are spliced in at the sentence boundary closest to `depth * haystack_tokens`. So the
 prompt length is exact (`<= context_length`) and the needle position is known to the token.
-The frame around the haystack is InternLM2's chat format (split out of `Tokenizer.encode_chat`)
+The frame around the haystack is InternLM2's chat format (`render_chat` split at the haystack)
 or a plain completion prompt for base models.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 
 import gin
 
+from internlm2_jax.chat_format import render_chat
 from internlm2_jax.eval.scoring import contains_value
 from internlm2_jax.sft.generate import generate
 from internlm2_jax.tokenizer import Tokenizer
@@ -89,9 +90,10 @@ def prompt_frame(tok: Tokenizer, prompt_format: str = "chat",
     content start; plain: `[bos]` + haystack + `"\\n\\nQuestion: ...\\nAnswer: The secret number is"`.
     """
     if prompt_format == "chat":
-        full = tok.encode_chat([{"role": "user", "content": "\n\n" + question}], add_generation_prompt=True)
-        head_len = 2 + len(tok.encode("user\n"))  # <s> <|im_start|> "user\n"
-        return full[:head_len], full[head_len:]
+        mark = "\ue000"  # a private-use character standing for the haystack in the rendered chat
+        text = render_chat([{"role": "user", "content": mark + "\n\n" + question}], add_generation_prompt=True).text
+        head, tail = text.split(mark)
+        return tok.encode(head), tok.encode(tail)
     if prompt_format == "plain":
         return [tok.bos_id], tok.encode(f"\n\nQuestion: {question}\n{PLAIN_ANSWER_PREFIX}")
     raise ValueError(f"unknown prompt_format {prompt_format!r}; expected 'chat' or 'plain'")

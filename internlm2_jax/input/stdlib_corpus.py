@@ -32,7 +32,20 @@ log = logging.getLogger(__name__)
 
 SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages",
                        "__pycache__"})
-DEFAULT_CACHE = os.path.join(tempfile.gettempdir(), "internlm2_jax_cache")
+CACHE_ENV = "INTERNLM2_JAX_CACHE"
+
+
+def default_cache_dir() -> str:
+    """`$INTERNLM2_JAX_CACHE`, else `$XDG_CACHE_HOME/internlm2_jax`, else `~/.cache/internlm2_jax`."""
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "internlm2_jax")
+
+
+def _announce(what: str) -> None:
+    """One line on stderr when a cached artifact is built for the first time (it takes a while)."""
+    print(f"internlm2_jax: {what} (once; cached)", file=sys.stderr, flush=True)
 
 
 def stdlib_files(stdlib_dir: str | None = None) -> Iterator[tuple[str, pathlib.Path]]:
@@ -63,9 +76,10 @@ def build_stdlib_corpus(cache_dir: str | os.PathLike | None = None, *,
     root = pathlib.Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
     version = f"py{sys.version_info.major}.{sys.version_info.minor}"
     key = _key(version, str(root), max_bytes, val_fraction, num_shards, 1)
-    out = pathlib.Path(cache_dir or DEFAULT_CACHE) / f"stdlib-{version}-{key}"
+    out = pathlib.Path(cache_dir or default_cache_dir()) / f"stdlib-{version}-{key}"
     if (out / "manifest.json").exists():
         return out
+    _announce(f"building the Python-stdlib pretraining corpus in {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
     names = [f"train-{i:05d}-of-{num_shards:05d}.jsonl" for i in range(num_shards)]
@@ -118,22 +132,6 @@ def corpus_texts(corpus_dir: str | os.PathLike, split: str = "train",
                     return
 
 
-def _train_fallback(texts: list[str], prefix: str, vocab_size: int) -> str:
-    """Plain sentencepiece BPE with the chat specials as user-defined pieces."""
-    import sentencepiece as spm
-
-    from internlm2_jax.tokenizer import CHAT_SPECIALS
-
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([t[i:i + 4000] for t in texts for i in range(0, len(t), 4000)]),
-        model_prefix=prefix, model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
-        hard_vocab_limit=False, split_digits=True, add_dummy_prefix=False,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        user_defined_symbols=list(CHAT_SPECIALS), unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=2, minloglevel=2)
-    return prefix + ".model"
-
-
 def ensure_tokenizer(corpus_dir: str | os.PathLike, vocab_size: int = 4096,
                      cache_dir: str | os.PathLike | None = None, *,
                      sample_bytes: int = 4_000_000) -> str:
@@ -146,21 +144,17 @@ def ensure_tokenizer(corpus_dir: str | os.PathLike, vocab_size: int = 4096,
     manifest_path = pathlib.Path(corpus_dir) / "manifest.json"
     manifest = manifest_path.read_text() if manifest_path.exists() else str(corpus_dir)
     key = _key(manifest, vocab_size, sample_bytes, "v1")
-    out = pathlib.Path(cache_dir or DEFAULT_CACHE) / f"tokenizer-{vocab_size}-{key}"
+    out = pathlib.Path(cache_dir or default_cache_dir()) / f"tokenizer-{vocab_size}-{key}"
     model = out / "tokenizer.model"
     if model.exists():
         return str(model)
+    _announce(f"training a {vocab_size}-piece sentencepiece tokenizer in {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
     texts = list(corpus_texts(corpus_dir, "train", sample_bytes))
-    try:
-        from internlm2_jax.data.tokenizer_training import train_tokenizer
-    except ImportError:  # the trainer module is optional
-        train_tokenizer = None
-    if train_tokenizer is not None:
-        train_tokenizer(texts, str(tmp / "tokenizer"), vocab_size)
-    else:
-        _train_fallback(texts, str(tmp / "tokenizer"), vocab_size)
+    from internlm2_jax.data.tokenizer_training import train_tokenizer
+
+    train_tokenizer(texts, str(tmp / "tokenizer"), vocab_size)
     try:
         os.rename(tmp, out)
     except OSError:

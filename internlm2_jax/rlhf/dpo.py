@@ -39,16 +39,15 @@ def sequence_logps(config: ModelConfig, params: Params, tokens: jax.Array, mask:
 
 def encode_dpo_batch(records: Sequence[Mapping[str, Any]], tok: ChatEncoder, seq_len: int,
                      pad_id: int = 0) -> dict[str, np.ndarray]:
-    """`{prompt, chosen, rejected}` records → tokens/masks for both sides; the mask covers everything after
-    the last turn's generation prompt (the response, its end marker and newline)."""
+    """`{prompt, chosen, rejected}` records → tokens/masks for both sides; the mask covers the last assistant
+    turn's tokens (its content and `<|im_end|>`, the SFT loss rule), located by character offsets."""
     out = {k: np.full((len(records), seq_len), pad_id, np.int32) for k in ("chosen", "rejected")}
     out.update({f"{k}_mask": np.zeros((len(records), seq_len), np.float32) for k in ("chosen", "rejected")})
     for i, rec in enumerate(records):
         for key, msgs in zip(("chosen", "rejected"), record_conversations(rec)):
-            ids = tok.encode_chat(msgs)[:seq_len]
-            start = len(tok.encode_chat(msgs[:-1], add_generation_prompt=True))
-            out[key][i, : len(ids)] = ids
-            out[f"{key}_mask"][i, start: len(ids)] = 1.0
+            ids, mask = tok.encode_chat_with_mask(msgs, train_on="last")
+            out[key][i, : min(len(ids), seq_len)] = ids[:seq_len]
+            out[f"{key}_mask"][i, : min(len(ids), seq_len)] = mask[:seq_len]
     return out
 
 

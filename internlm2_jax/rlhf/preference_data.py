@@ -25,6 +25,9 @@ class ChatEncoder(Protocol):
 
     def encode_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> list[int]: ...
 
+    def encode_chat_with_mask(self, messages: Sequence[Message], *, add_generation_prompt: bool = False,
+                              train_on: str = "all") -> tuple[list[int], list[bool]]: ...
+
 
 @dataclasses.dataclass
 class PreferencePair:

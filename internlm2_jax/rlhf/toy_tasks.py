@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from internlm2_jax.tokenizer import render_message
+from internlm2_jax.chat_format import mask_from_offsets, render_chat
 
 _SPECIALS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|reward|>")
 _CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -32,21 +32,36 @@ class CharTokenizer:
     def stop_ids(self) -> tuple[int, ...]:
         return (self.eos_id, self.im_end_id)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character spans; the chat specials are single tokens, unknown characters dropped."""
+        ids, spans, pos = [], [], 0
+        while pos < len(text):
+            special = next((s for s in _SPECIALS if text.startswith(s, pos)), None)
+            if special is not None:
+                ids.append(_SPECIALS.index(special))
+                spans.append((pos, pos + len(special)))
+                pos += len(special)
+                continue
+            if text[pos] in self._ids:
+                ids.append(self._ids[text[pos]])
+                spans.append((pos, pos + 1))
+            pos += 1
+        return ids, spans
+
     def encode(self, text: str) -> list[int]:
-        return [self._ids[c] for c in text if c in self._ids]
+        return self.encode_with_offsets(text)[0]
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self._chars.get(int(i), _SPECIALS[int(i)] if int(i) < len(_SPECIALS) else "?") for i in ids)
 
+    def encode_chat_with_mask(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = False,
+                              train_on: str = "all") -> tuple[list[int], list[bool]]:
+        chat = render_chat(messages, add_generation_prompt=add_generation_prompt, train_on=train_on)
+        ids, spans = self.encode_with_offsets(chat.text)
+        return ids, mask_from_offsets(spans, chat.trained)
+
     def encode_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = False) -> list[int]:
-        ids = [self.bos_id]
-        for n, msg in enumerate(messages):
-            header, content = render_message(msg, index=n)
-            ids += [self.im_start_id] + self.encode(header + "\n") + self.encode(content) + [self.im_end_id]
-            ids += self.encode("\n")
-        if add_generation_prompt:
-            ids += [self.im_start_id] + self.encode("assistant\n")
-        return ids
+        return self.encode_chat_with_mask(messages, add_generation_prompt=add_generation_prompt)[0]
 
 
 # Condition → system prompt of the toy conditional RM: each prefers a different letter.

@@ -14,9 +14,10 @@ Mapping rules:
   * ShareGPT: `conversations` of `{from, value}`: human/user → user, gpt/assistant → assistant, system,
     tool/observation/function_response → environment (plugin), function_call (JSON `{name, arguments}`) →
     assistant tool call; optional top-level `system` and `tools`.
-  * ChatML: `<|im_start|>{role}[ name=<|plugin|>]\\n{content}<|im_end|>` blocks (a leading `<s>` and
-    whitespace between blocks are allowed); a trailing `<|action_start|><|plugin|>\\n{json}<|action_end|>`
-    in an assistant turn becomes a `tool_call` again.
+  * ChatML: `<|im_start|>{role}[ name=<|plugin|>|<|interpreter|>|word]\\n{content}<|im_end|>` blocks (a
+    leading `<s>` and whitespace between blocks are allowed); a trailing
+    `<|action_start|><|plugin|>\\n{json}<|action_end|>` (or `<|interpreter|>` code, `<|action_end|>\\n`) in an
+    assistant turn becomes a `tool_call` again (`internlm2_jax.chat_format` renders it back identically).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import os
 import re
 from typing import Any, Optional, Sequence
 
-from internlm2_jax.tokenizer import CHAT_ROLES, TOOL_NAMES, Tokenizer
+from internlm2_jax.chat_format import CHAT_ROLES, TOOL_NAMES, header_name
+from internlm2_jax.tokenizer import Tokenizer
 
 Message = dict[str, Any]
 FORMATS = ("openai", "alpaca", "sharegpt", "chatml")
@@ -133,8 +135,8 @@ def from_sharegpt(record: dict[str, Any]) -> list[Message]:
 
 
 _BLOCK = re.compile(r"<\|im_start\|>(.*?)\n(.*?)<\|im_end\|>", re.S)
-_HEADER = re.compile(r"^(\w+)(?: name=(<\|plugin\|>|<\|interpreter\|>))?$")
-_ACTION = re.compile(r"<\|action_start\|>(<\|plugin\|>|<\|interpreter\|>)\n(.*)<\|action_end\|>$", re.S)
+_HEADER = re.compile(r"^(\w+)(?: name=(<\|plugin\|>|<\|interpreter\|>|[\w.\-]+))?$")
+_ACTION = re.compile(r"<\|action_start\|>(<\|plugin\|>|<\|interpreter\|>)\n(.*)<\|action_end\|>\n?$", re.S)
 _TOOL_BY_TOKEN = {v: k for k, v in TOOL_NAMES.items()}
 
 
@@ -152,7 +154,7 @@ def parse_chatml(text: str) -> list[Message]:
             raise FormatError(f"bad ChatML header {m.group(1)!r}")
         msg: Message = {"role": header.group(1), "content": m.group(2)}
         if header.group(2):
-            msg["name"] = _TOOL_BY_TOKEN[header.group(2)]
+            msg["name"] = _TOOL_BY_TOKEN.get(header.group(2), header.group(2))
         action = _ACTION.search(msg["content"]) if msg["role"] == "assistant" else None
         if action:
             msg["content"] = msg["content"][: action.start()]
@@ -199,8 +201,11 @@ def validate_messages(messages: Sequence[Message]) -> None:
             raise FormatError(f"message {i}: unknown role {m.get('role')!r}; expected one of {CHAT_ROLES}")
         if not isinstance(m.get("content", ""), str):
             raise FormatError(f"message {i}: content must be a string")
-        if m.get("name") is not None and m["name"] not in TOOL_NAMES:
-            raise FormatError(f"message {i}: unknown tool name {m['name']!r}")
+        if m.get("name") is not None:
+            try:
+                header_name(m["name"], i)
+            except ValueError as e:
+                raise FormatError(str(e)) from None
         if m["role"] == "assistant" and not (m.get("content") or "").strip() and not m.get("tool_call"):
             raise FormatError(f"message {i}: empty assistant turn")
     if not any(m["role"] == "assistant" for m in messages):
@@ -268,12 +273,7 @@ def tokenize_conversation(tokenizer: Tokenizer, messages: Sequence[Message], *,
 
     `last_turn_only` keeps the loss on the final assistant turn only (earlier turns become context).
     """
-    ids, mask = tokenizer.encode_chat_with_mask(messages)
-    if last_turn_only:
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        prefix = len(tokenizer.encode_chat(messages[:last]))  # messages are encoded independently
-        mask = [False] * prefix + mask[prefix:]
-    return ids, mask
+    return tokenizer.encode_chat_with_mask(messages, train_on="last" if last_turn_only else "all")
 
 
 def render_mask(tokenizer: Tokenizer, ids: Sequence[int], mask: Sequence[bool], *, color: bool = False) -> str:
