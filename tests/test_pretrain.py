@@ -49,24 +49,25 @@ def _losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
+def reference_run(tmp_path_factory, seed):
     workdir = tmp_path_factory.mktemp("ref")
-    _train(workdir)
+    _train(workdir, f"train.seed = {seed}")
     return workdir
 
 
+@pytest.mark.outcome
 def test_loss_falls_and_outputs_written(reference_run):
     rows = read_metrics(str(reference_run))
     evals = [r["eval_ppl"] for r in rows if "eval_ppl" in r]
     assert len(evals) == 3  # steps 0, 4, 8
-    assert evals[-1] <= 0.5 * evals[0]
+    assert evals[-1] <= 0.6 * evals[0]  # seeds 0-4: 0.44-0.46 (512-token vocab: ~520 -> ~230)
     assert [s for s, _ in _losses(reference_run)] == list(range(1, 9))
     assert os.listdir(os.path.join(reference_run, "tensorboard"))
     assert sorted(Checkpointer(os.path.join(reference_run, "checkpoints")).all_steps()) == [4, 8]
 
 
-def test_exact_resume_after_sigkill(reference_run, tmp_path):
-    proc = subprocess.Popen(_cli(tmp_path, "train.checkpoint_every=2"), cwd=ROOT,
+def test_exact_resume_after_sigkill(reference_run, tmp_path, seed):
+    proc = subprocess.Popen(_cli(tmp_path, "train.checkpoint_every=2", f"train.seed={seed}"), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     try:
@@ -79,14 +80,14 @@ def test_exact_resume_after_sigkill(reference_run, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert any(r.get("step", 0) >= 5 for r in read_metrics(str(tmp_path))), "run never reached step 5"
-    _train(tmp_path)  # same workdir: resumes from the last complete checkpoint
+    _train(tmp_path, f"train.seed = {seed}")  # same workdir: resumes from the last complete checkpoint
     assert _losses(tmp_path) == _losses(reference_run)
     ours, ref = _params_at(tmp_path, 8), _params_at(reference_run, 8)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
         assert a.tobytes() == b.tobytes()
 
 
-def test_corrupt_latest_checkpoint_falls_back(reference_run, tmp_path, caplog):
+def test_corrupt_latest_checkpoint_falls_back(reference_run, tmp_path, caplog, seed):
     work = tmp_path / "w"
     shutil.copytree(reference_run, work)
     state_dir = work / "checkpoints" / "8" / "state"
@@ -95,7 +96,7 @@ def test_corrupt_latest_checkpoint_falls_back(reference_run, tmp_path, caplog):
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
     with caplog.at_level("WARNING"):
-        _train(work)
+        _train(work, f"train.seed = {seed}")
     assert "checkpoint step 8" in caplog.text and "falling back" in caplog.text
     assert _losses(work) == _losses(reference_run)
 

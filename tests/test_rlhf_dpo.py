@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from internlm2_jax import get_preset
 from internlm2_jax.rlhf.dpo import cache_reference, dpo_step, encode_dpo_batch
@@ -14,11 +15,12 @@ TOK = CharTokenizer()
 CFG = get_preset("tiny", dtype="float32", vocab_size=TOK.vocab_size)
 
 
-def test_dpo_trains_against_cached_reference():
-    recs = [r for r in toy_preference_records(32) if r["condition"] == "likes_a"]
+@pytest.mark.outcome
+def test_dpo_trains_against_cached_reference(seed):
+    recs = [r for r in toy_preference_records(32, seed=seed) if r["condition"] == "likes_a"]
     batch = encode_dpo_batch(recs, TOK, seq_len=48)
     assert batch["chosen_mask"].sum() > 0 and np.all(batch["chosen_mask"][:, :5] == 0)
-    params = nn.meta.unbox(init_policy(CFG, jax.random.key(0)))
+    params = nn.meta.unbox(init_policy(CFG, jax.random.key(seed)))
     (cached,) = cache_reference(CFG, params, [batch])
     tx = make_optimizer(OptimizerConfig(peak_lr=3e-3, warmup_steps=0, schedule="constant", weight_decay=0.0))
     opt = tx.init(params)

@@ -31,15 +31,15 @@ def _reward(items, responses):
 
 
 @functools.lru_cache(maxsize=1)
-def _init():
+def _init(seed: int = 0):
     """Initial actor / critic shared by every trainer (trainers copy them onto their mesh)."""
-    actor = init_policy(CFG, jax.random.key(0))
-    return actor, init_reward_params(CFG, jax.random.key(1), backbone=actor)
+    actor = init_policy(CFG, jax.random.key(2 * seed))
+    return actor, init_reward_params(CFG, jax.random.key(2 * seed + 1), backbone=actor)
 
 
-def _trainer(**kw):
+def _trainer(seed: int = 0, **kw):
     """PPO trainers built with the same model, optimizers and mesh share their compiled steps."""
-    actor, critic = _init()
+    actor, critic = _init(seed)
     cfg = PPOConfig(**{**dict(batch_size=16, max_prompt_len=32, max_new_tokens=8, critic_warmup_iters=2,
                               ptx_coef=0.0, kl_coef=0.05, top_p=1.0), **kw})
     pt = toy_pretrain_batches(TOK, 4, 32) if cfg.ptx_coef > 0 else None
@@ -58,10 +58,11 @@ def _same(a, b):
     return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.outcome
 @pytest.mark.parametrize("algo", [pytest.param("ppo", marks=pytest.mark.slow), "grpo"])
-def test_reward_rises_with_bounded_kl(algo):
+def test_reward_rises_with_bounded_kl(algo, seed):
     t0 = time.time()
-    tr = _trainer(algo=algo, batch_size=16 if algo == "ppo" else 4, group_size=4, kl_coef=0.02, ppo_epochs=2)
+    tr = _trainer(seed, algo=algo, batch_size=16 if algo == "ppo" else 4, group_size=4, kl_coef=0.02, ppo_epochs=2)
     hist = _run(tr, 30 if algo == "ppo" else 20)
     rewards = [h["reward"] for h in hist]
     first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
@@ -69,7 +70,13 @@ def test_reward_rises_with_bounded_kl(algo):
     print(f"{algo} reward curve {np.round(rewards, 3).tolist()} kl/token {kl_per_token:.3f} {time.time() - t0:.1f}s")
     assert first < 0.05 and last > 0.25, rewards
     # Bounded: the reference is near-uniform, so a collapsed (deterministic) policy would be at log 102 ≈ 4.6.
-    assert 0.0 <= kl_per_token < 3.5
+    # (At reward 0.5-0.8 the KL is already 2.7-4.0 nats/token: a fixed bound like 3.5 fails on some seeds.)
+    assert 0.0 <= kl_per_token < np.log(CFG.vocab_size)
+    if algo == "grpo":  # the KL term controls it: a strong coefficient keeps the policy near the reference
+        strong = _run(_trainer(seed, algo=algo, batch_size=4, group_size=4, kl_coef=1.0, ppo_epochs=2), 20)
+        kl_strong = strong[-1]["kl"] / strong[-1]["response_length"]
+        print(f"kl/token with kl_coef=1: {kl_strong:.3f}")
+        assert kl_strong < 0.5 < kl_per_token  # seeds 0-5: <= 0.12 vs >= 2.7
     for k in ("time/generation", "time/scoring", "time/training", "rollout_tokens_per_s", "train_tokens_per_s",
               "entropy", "clip_frac", "response_length"):
         assert np.isfinite(hist[-1][k]), k
@@ -77,11 +84,13 @@ def test_reward_rises_with_bounded_kl(algo):
         assert np.isfinite(hist[-1]["value_loss"])
 
 
-def test_ppo_reward_increases_over_a_few_iterations():
+@pytest.mark.outcome
+def test_ppo_reward_increases_over_a_few_iterations(seed):
     """Fast PPO check (same compiled steps as the warm-up test, so nearly free): a trivially learnable
-    reward (fraction of 'a') goes up within 16 cheap iterations (4 PPO epochs each)."""
-    tr = _trainer(critic_warmup_iters=1, ptx_coef=0.01, kl_coef=0.02, ppo_epochs=4)
-    hist = _run(tr, 16)
+    reward (fraction of 'a') goes up within 32 cheap iterations (4 PPO epochs each; with 16 the gain was
+    0.15-0.25 on some seeds, with 32 it is 0.45-0.73 on seeds 0-5)."""
+    tr = _trainer(seed, critic_warmup_iters=1, ptx_coef=0.01, kl_coef=0.02, ppo_epochs=4)
+    hist = _run(tr, 32)
     rewards = [h["reward"] for h in hist]
     print("fast ppo reward curve", np.round(rewards, 3).tolist())
     assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.2, rewards

@@ -17,6 +17,7 @@ TOK = CharTokenizer()
 CFG = get_preset("tiny", dtype="float32", vocab_size=TOK.vocab_size)
 NAMES = sorted(TOY_CONDITIONS)
 PACK = dict(token_budget=1024, row_len=128, max_pairs=16, condition_names=NAMES)
+EPOCHS = 4  # 2 epochs left likes_a at 0.59-0.84 on some seeds and CPUs; 4 gives >= 0.97 on seeds 0-4
 
 
 def test_record_formats_are_equivalent():
@@ -34,6 +35,16 @@ def test_record_formats_are_equivalent():
     assert dropped == 1
 
 
+def test_junk_pairs_rank_the_preferred_letter():
+    recs = toy_preference_records(200, seed=3, junk_fraction=0.25)
+    junk = [r for r in recs if set(r["rejected"]) - set("ab")]
+    assert 25 <= len(junk) <= 75 and {r["condition"] for r in junk} == set(TOY_CONDITIONS)
+    for r in junk:
+        letter = TOY_CONDITIONS[r["condition"]]
+        assert len(r["chosen"]) == len(r["rejected"]) and r["chosen"].count(letter) > r["rejected"].count(letter) == 0
+    assert toy_preference_records(50, seed=3) == toy_preference_records(50, seed=3, junk_fraction=0.0)
+
+
 def test_packing_respects_token_budget():
     pairs, _ = tokenize_pairs(toy_preference_records(40), TOK, TOY_CONDITIONS, TOK.reward_id, max_len=64)
     batches = list(pack_pairs(pairs, **PACK))
@@ -49,18 +60,19 @@ def test_packing_respects_token_budget():
     assert len(pairs0.chosen) + len(pairs0.rejected) <= 128
 
 
-def test_tiny_rm_learns_conditional_rule():
+@pytest.mark.outcome
+def test_tiny_rm_learns_conditional_rule(seed):
     """Condition likes_a prefers the mostly-'a' response, likes_b the mostly-'b' one (same response pairs)."""
     t0 = time.time()
-    train, _ = tokenize_pairs(toy_preference_records(256, seed=0), TOK, TOY_CONDITIONS, TOK.reward_id, max_len=64)
-    test_recs = toy_preference_records(64, seed=1)
+    train, _ = tokenize_pairs(toy_preference_records(256, seed=seed), TOK, TOY_CONDITIONS, TOK.reward_id, max_len=64)
+    test_recs = toy_preference_records(128, seed=seed + 1000)
     test, _ = tokenize_pairs(test_recs, TOK, TOY_CONDITIONS, TOK.reward_id, max_len=64)
     batches = list(pack_pairs(train, **PACK))
-    tx = make_optimizer(OptimizerConfig(peak_lr=3e-3, end_lr_ratio=0.5, warmup_steps=5, total_steps=2 * len(batches),
+    tx = make_optimizer(OptimizerConfig(peak_lr=3e-3, end_lr_ratio=0.5, warmup_steps=5, total_steps=EPOCHS * len(batches),
                                         weight_decay=0.01))
-    params = init_reward_params(CFG, jax.random.key(0))
+    params = init_reward_params(CFG, jax.random.key(seed))
     opt = tx.init(params)
-    for _ in range(2):
+    for _ in range(EPOCHS):
         for b in batches:
             params, opt, m = rm_train_step(CFG, params, opt, b, tx=tx)
     assert bool(m["finite"])

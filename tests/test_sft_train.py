@@ -39,13 +39,14 @@ def _cli(workdir, *args):
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
+def full_run(tmp_path_factory, seed):
     workdir = tmp_path_factory.mktemp("sft_full")
-    proc = _cli(workdir, "--gin_param", "sft_train.export_hf=True")
+    proc = _cli(workdir, "--gin_param", "sft_train.export_hf=True", "--gin_param", f"sft_train.seed={seed}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir
 
 
+@pytest.mark.outcome
 def test_cli_reaches_exact_match_and_exports(full_run):
     rows = read_metrics(str(full_run))
     em = [r["eval_exact_match"] for r in rows if "eval_exact_match" in r]
@@ -62,6 +63,7 @@ def test_show_mask(full_run, tmp_path):
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
+@pytest.mark.outcome
 def test_lora_from_hf_export(full_run, tmp_path):
     """LoRA fine-tune starting from the exported HF folder (its tokenizer is picked up from there)."""
     last = _run(tmp_path, f"sft_train.init_from = '{full_run / 'hf'}'", "sft_train.task = None",
@@ -95,9 +97,10 @@ def test_exact_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_addition_reaches_90_percent(tmp_path):
+@pytest.mark.outcome
+def test_tiny_addition_reaches_90_percent(tmp_path, seed):
     """The demo config: 2-digit addition in chat form, fresh tiny model, held-out prompts."""
-    last = _run(tmp_path, "sft_train.progress = False",
+    last = _run(tmp_path, "sft_train.progress = False", f"sft_train.seed = {seed}",
                 gin_file=os.path.join(ROOT, "experiments", "configs", "sft", "tiny.gin"))
     assert last["eval_exact_match"] >= 0.9, last
 

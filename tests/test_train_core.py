@@ -61,12 +61,13 @@ def _mesh():
     return make_mesh(MeshConfig(data=1), jax.devices()[:1])
 
 
-def test_overfits_a_fixed_batch():
+@pytest.mark.outcome
+def test_overfits_a_fixed_batch(seed):
     cfg = get_preset("tiny", dtype="float32")
-    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (4, 32)).astype(np.int32)
+    tokens = np.random.default_rng(seed + 1).integers(0, cfg.vocab_size, (4, 32)).astype(np.int32)
     tx = make_optimizer(OptimizerConfig(peak_lr=1e-2, warmup_steps=10, total_steps=200, weight_decay=0.0))
     trainer = Trainer(cfg, tx, _mesh(), StepConfig(loss_chunk=16))
-    state = trainer.init_state(jax.random.key(0))
+    state = trainer.init_state(jax.random.key(seed))
     first = None
     for _ in range(200):
         state, metrics = trainer.step(state, {"tokens": tokens})

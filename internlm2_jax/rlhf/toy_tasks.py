@@ -12,6 +12,7 @@ from internlm2_jax.chat_format import mask_from_offsets, render_chat
 
 _SPECIALS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|reward|>")
 _CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
+_JUNK = "".join(c for c in _CHARS[1:] if c not in "ab")
 
 
 class CharTokenizer:
@@ -76,18 +77,35 @@ def _frac_a(s: str) -> float:
     return s.count("a") / max(len(s), 1)
 
 
-def toy_preference_records(n: int, seed: int = 0, *, min_len: int = 4, max_len: int = 10) -> list[dict[str, Any]]:
+def _junk_pair(rng: random.Random, letter: str, min_len: int, max_len: int) -> tuple[str, str]:
+    """(chosen, rejected): random printable characters, and the same with about half of them `letter`."""
+    junk = "".join(rng.choice(_JUNK) for _ in range(rng.randint(min_len, max_len)))
+    chosen = "".join(letter if rng.random() < 0.5 else c for c in junk)
+    return (chosen if chosen != junk else letter + junk[1:]), junk
+
+
+def toy_preference_records(n: int, seed: int = 0, *, min_len: int = 4, max_len: int = 10,
+                           junk_fraction: float = 0.0) -> list[dict[str, Any]]:
     """Pairs of a/b strings with clearly different letter fractions; condition `likes_a` prefers more
-    'a', `likes_b` more 'b'. The same two responses appear under both conditions with flipped labels."""
+    'a', `likes_b` more 'b'. The same two responses appear under both conditions with flipped labels.
+
+    A `junk_fraction` of the pairs instead contrasts random printable text with the same text partly
+    rewritten to the preferred letter, so the RM also ranks the arbitrary strings a fresh policy emits
+    (without them its score can be flat there and PPO against it has nothing to climb).
+    """
     rng = random.Random(seed)
     out = []
     for i in range(n):
+        cond = "likes_a" if i % 2 == 0 else "likes_b"
+        if rng.random() < junk_fraction:
+            chosen, rejected = _junk_pair(rng, TOY_CONDITIONS[cond], min_len, max_len)
+            out.append({"prompt": "say", "chosen": chosen, "rejected": rejected, "condition": cond})
+            continue
         while True:  # resample until the rule's label is unambiguous
             mostly_a = _mix(rng, 0.85, rng.randint(min_len, max_len))
             mostly_b = _mix(rng, 0.15, rng.randint(min_len, max_len))
             if _frac_a(mostly_a) - _frac_a(mostly_b) >= 0.4:
                 break
-        cond = "likes_a" if i % 2 == 0 else "likes_b"
         chosen, rejected = (mostly_a, mostly_b) if cond == "likes_a" else (mostly_b, mostly_a)
         out.append({"prompt": "say", "chosen": chosen, "rejected": rejected, "condition": cond})
     return out
