@@ -65,6 +65,7 @@ class Tokenizer:
         self.id_to_special = {i: s for s, i in self.special_ids.items()}
         pattern = "|".join(re.escape(s) for s in sorted(self.special_ids, key=len, reverse=True))
         self._split_re = re.compile(pattern)
+        self._prefix_cache: dict[str, list[int]] = {}
 
     def _find_special_ids(self) -> dict[str, int]:
         found = {s: self.sp.piece_to_id(s) for s in CHAT_SPECIALS}
@@ -184,8 +185,37 @@ class Tokenizer:
         `train_on="last"` keeps the loss on the final assistant turn only.
         """
         chat = render_chat(messages, add_generation_prompt=add_generation_prompt, train_on=train_on)
-        ids, spans = self.encode_with_offsets(chat.text)
-        return ids, mask_from_offsets(spans, chat.trained)
+        trained = chat.trained
+        bounds = {b for span in trained for b in span}
+        ids: list[int] = []
+        mask: list[bool] = []
+        # Trained spans start and end at segment boundaries except where an assistant content starts inside
+        # "assistant\n{content}". There, when the segment's ids begin with the header's own ids, no token
+        # crosses the boundary; otherwise (a merge such as "\n" + "\n") per-token offsets decide.
+        for start, part, special in self._segments(chat.text, True):
+            end = start + len(part)
+            part_ids = [self.special_ids[part]] if special else self.sp.encode(part)
+            inner = [b for b in bounds if start < b < end]
+            if not inner:
+                inside = any(a <= start < b for a, b in trained)
+                ids.extend(part_ids)
+                mask.extend([inside] * len(part_ids))
+                continue
+            head = self._prefix_ids(part[:inner[0] - start]) if len(inner) == 1 else None
+            if head is not None and part_ids[:len(head)] == head:
+                ids.extend(part_ids)
+                mask.extend([False] * len(head) + [True] * (len(part_ids) - len(head)))
+                continue
+            pieces = self.sp.encode(part, out_type="immutable_proto").pieces
+            ids.extend(p.id for p in pieces)
+            mask.extend(mask_from_offsets([(start + p.begin, start + p.end) for p in pieces], trained))
+        return ids, mask
+
+    def _prefix_ids(self, text: str) -> list[int]:
+        """Ids of a turn header such as "assistant\n" (cached: a handful of distinct headers)."""
+        if text not in self._prefix_cache:
+            self._prefix_cache[text] = self.sp.encode(text)
+        return self._prefix_cache[text]
 
 
 def _read_hf_config(path: str) -> Optional[dict[str, Any]]:

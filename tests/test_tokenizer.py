@@ -79,3 +79,18 @@ def test_errors(tok, tmp_path):
         Tokenizer(tmp_path / "missing.model")
     with pytest.raises(ValueError, match="tokenizer mismatch"):
         tok.check_compatible(128)
+
+
+@pytest.mark.parametrize("train_on", ["all", "last", "none"])
+def test_chat_mask_fast_path_equals_offsets(tok, train_on):
+    """encode_chat_with_mask skips per-token offsets where it can; it must equal the offsets-based mask."""
+    from internlm2_jax.chat_format import mask_from_offsets, render_chat
+
+    contents = ["\nA", "\n\nB", " C", "  D", "", "E\n", "中文", "😀x", "\tT", "assistant\n", "<s>x</s>"]
+    for content in contents:
+        msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                {"role": "assistant", "content": content}, {"role": "user", "content": content},
+                {"role": "assistant", "content": content, "tool_call": {"name": "f", "parameters": {}}}]
+        chat = render_chat(msgs, train_on=train_on)
+        ids, spans = tok.encode_with_offsets(chat.text)
+        assert tok.encode_chat_with_mask(msgs, train_on=train_on) == (ids, mask_from_offsets(spans, chat.trained))
