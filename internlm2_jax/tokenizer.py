@@ -212,7 +212,7 @@ class Tokenizer:
         return ids, mask
 
     def _prefix_ids(self, text: str) -> list[int]:
-        """Ids of a turn header such as "assistant\n" (cached: a handful of distinct headers)."""
+        """Ids of a turn header such as `assistant` + newline (cached: a handful of distinct headers)."""
         if text not in self._prefix_cache:
             self._prefix_cache[text] = self.sp.encode(text)
         return self._prefix_cache[text]
@@ -226,8 +226,9 @@ def _read_hf_config(path: str) -> Optional[dict[str, Any]]:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
         added = config.get("added_tokens_decoder") or {}
-        for i, token in added.items():
-            int(i), token["content"]
+        bad = [i for i, token in added.items() if not (str(i).isdigit() and isinstance(token["content"], str))]
+        if bad:
+            raise ValueError(f"id {bad[0]!r} or its content is not valid")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     except (AttributeError, KeyError, TypeError, ValueError) as e:

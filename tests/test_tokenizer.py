@@ -72,6 +72,19 @@ def test_chat_mask_covers_assistant_content_and_im_end(tok):
     assert kept == tok.sp.encode("hello") + [tok.im_end_id]
 
 
+def test_broken_tokenizer_config_is_named(tok, tmp_path):
+    import shutil
+
+    shutil.copy(tok.path, tmp_path / "tokenizer.model")
+    for text, match in (("{", "not valid JSON"), ('{"added_tokens_decoder": {"1": {"nope": 1}}}', "added_tokens")):
+        (tmp_path / "tokenizer_config.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"tokenizer_config\.json: .*{match}"):
+            Tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        str(i): {"content": s} for s, i in tok.special_ids.items()}}))
+    assert Tokenizer(tmp_path).special_ids == tok.special_ids
+
+
 def test_errors(tok, tmp_path):
     with pytest.raises(ValueError, match="unknown role 'bot'"):
         tok.encode_chat([{"role": "bot", "content": "x"}])
