@@ -22,7 +22,7 @@ import numpy as np
 
 from internlm2_jax.config import ModelConfig, get_preset
 from internlm2_jax.model import forward
-from internlm2_jax.rlhf.ppo_trainer import PPOConfig, PPOTrainer
+from internlm2_jax.rlhf.rl_trainer import RLConfig, RLTrainer
 from internlm2_jax.rlhf.reward_model import init_policy, init_reward_params
 from internlm2_jax.rlhf.rollout import make_prompt_items
 from internlm2_jax.rlhf.toy_tasks import TOY_CONDITIONS, CharTokenizer, target_token_reward, toy_prompts
@@ -76,10 +76,10 @@ def run(argv: Sequence[str] = ()) -> dict[str, float]:
                                               jax.random.key(1), max_new_tokens=NEW_TOKENS))
     target = tok.encode("a")[0]
     tx = make_optimizer(OptimizerConfig(peak_lr=1e-3, warmup_steps=0, schedule="constant", weight_decay=0.0))
-    ppo = PPOConfig(batch_size=BATCH, max_prompt_len=PROMPT_LEN, max_new_tokens=NEW_TOKENS, critic_warmup_iters=0,
-                    ptx_coef=0.0, top_p=1.0)
-    trainer = PPOTrainer(cfg, ppo, params, init_reward_params(cfg, jax.random.key(1), backbone=params),
-                         lambda it, r: target_token_reward(r, target), tx, tx, stop_ids=tok.stop_ids)
+    ppo = RLConfig(batch_size=BATCH, max_prompt_len=PROMPT_LEN, max_new_tokens=NEW_TOKENS, critic_warmup_iters=0,
+                   ptx_coef=0.0, top_p=1.0)
+    trainer = RLTrainer(cfg, ppo, params, init_reward_params(cfg, jax.random.key(1), backbone=params),
+                        lambda it, r: target_token_reward(r, target), tx, tx, stop_ids=tok.stop_ids)
     trainer.iterate(items)  # compile
     rows = [trainer.iterate(items) for _ in range(ITERS)]
     mean = {k: float(np.mean([r[k] for r in rows])) for k in ("time/generation", "time/scoring", "time/training",

@@ -67,11 +67,11 @@ class JaxRunner:
 
         from internlm2_jax.sharding import MeshConfig, host_local_to_global, make_mesh
         from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
-        from internlm2_jax.train.step import StepConfig, Trainer
+        from internlm2_jax.train.causal_lm import StepConfig, causal_lm_trainer
 
         self.mesh = make_mesh(MeshConfig(data=-1, fsdp=fsdp))
         tx = make_optimizer(OptimizerConfig(peak_lr=1e-4, warmup_steps=10))
-        self.trainer = Trainer(config, tx, self.mesh, StepConfig(loss_chunk=loss_chunk))
+        self.trainer = causal_lm_trainer(config, tx, self.mesh, StepConfig(loss_chunk=loss_chunk))
         self.state = self.trainer.init_state(jax.random.key(0))
         self.batch = host_local_to_global({"tokens": batch}, self.mesh)
         self.loss = float("nan")

@@ -19,17 +19,14 @@ import jax
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     """`(config, params)` from `--hf` or an orbax train-state `--checkpoint` with `--preset`."""
-    import flax.linen as nn
-
-    from internlm2_jax import abstract_params, get_preset, load_hf
+    from internlm2_jax import get_preset, load_hf
     if args.hf:
         return load_hf(args.hf, dtype=args.dtype)
-    from internlm2_jax.checkpointing import load_parameters_only
+    from internlm2_jax.params_loading import load_policy, single_device_abstract
+
     config = get_preset(args.preset, dtype=args.dtype)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                            nn.meta.unbox(abstract_params(config)))
-    return config, load_parameters_only(args.checkpoint, abstract, args.step)
+    shardings = jax.tree.map(lambda a: a.sharding, single_device_abstract(config))
+    return config, load_policy(args.checkpoint, config, shardings, args.step)
 
 
 def chat(config: Any, params: Any, tokenizer: Any, *, stdin: TextIO, stdout: TextIO, system: Optional[str],

@@ -1,4 +1,4 @@
-"""PPO / GRPO: `python -m experiments.ppo --gin experiments/configs/rlhf/ppo_tiny.gin`.
+"""PPO / GRPO / RLOO: `python -m experiments.ppo --gin experiments/configs/rlhf/ppo_tiny.gin`.
 
 Data: toy arithmetic prompts with the character tokenizer (default), or prompt JSONL files (`prompts`,
 records `{"prompt"|"messages", "category"}`) with a sentencepiece `tokenizer`. `actor_init`: an HF folder,
@@ -6,13 +6,16 @@ an Orbax pretraining / SFT workdir, or `.msgpack`; `reward = 'rm:<path>'` takes 
 `experiments.reward_model`) or `rm_params.msgpack`. All models live on the `mesh`.
 
 Prints and logs (metrics.jsonl) per iteration: reward, KL, entropy, value loss, clip fraction, response
-length, rollout and training tokens/s and the generation / scoring / training time breakdown. The last
-iteration's rollouts go to `rollouts.jsonl` for the online fast-path scan (`experiments.online_rlhf`); the
-actor is saved as an Orbax checkpoint (`<workdir>/checkpoints/<iterations>`) and `actor_params.msgpack`.
+length, ptx loss, rollout and training tokens/s and the generation / scoring / training time breakdown. The
+run's Orbax checkpoints (`<workdir>/checkpoints/<iteration>`: actor, critic, optimizer states, rng, data positions)
+resume it exactly and are read by `load_policy` / `load_reward` as the actor / critic. At the end, fresh rollouts
+go to `rollouts.jsonl` for the online fast-path scan (`experiments.online_rlhf`) and the actor to
+`actor_params.msgpack`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -20,43 +23,62 @@ import time
 from typing import Any, Optional, Sequence
 
 import gin
+import grain
 import jax
 import numpy as np
 
+from internlm2_jax.checkpointing import CheckpointConfig
 from internlm2_jax.config import ModelConfig
-from internlm2_jax.rlhf.checkpoints import load_policy, load_reward, save_orbax
+from internlm2_jax.input import InputConfig, make_pretrain_iterator
+from internlm2_jax.params_loading import load_policy, load_reward, save_msgpack
+from internlm2_jax.rlhf.algorithms import samples_per_prompt
 from internlm2_jax.rlhf.mesh import actor_shardings, critic_shardings
 from internlm2_jax.rlhf.online import write_jsonl
-from internlm2_jax.rlhf.params_io import save_params
-from internlm2_jax.rlhf.ppo_trainer import PPOConfig, PPOTrainer
+from internlm2_jax.rlhf.rl_trainer import RLConfig, RLTrainer
 from internlm2_jax.rlhf.prompts import default_reward_token_id, load_tokenizer, read_prompts, turn_end_ids
 from internlm2_jax.rlhf.reward_model import DEFAULT_CONDITIONS, init_policy, init_reward_params
 from internlm2_jax.rlhf.rollout import RewardModelScorer, make_prompt_items
 from internlm2_jax.rlhf.toy_tasks import TOY_CONDITIONS, target_token_reward, toy_pretrain_batches, toy_prompts
 from internlm2_jax.sharding import MeshConfig, make_mesh
-from internlm2_jax.train.metrics_log import MetricsLog
+from internlm2_jax.train.metrics_log import read_metrics
 from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
+from internlm2_jax.train.runner import LoopConfig, run_stage
 
-gin.external_configurable(PPOConfig)
+gin.external_configurable(RLConfig)
 
 
+@functools.lru_cache(maxsize=8)
 def _opt(lr: float):
+    """One optimizer object per lr, so runs in one process share their compiled steps."""
     return make_optimizer(OptimizerConfig(peak_lr=lr, warmup_steps=0, schedule="constant", weight_decay=0.0))
 
 
+def _print_iteration(m: dict) -> None:
+    nan = float("nan")
+    print(f"iter {m['iteration']:3d} reward {m['reward']:.3f} kl {m['kl']:.3f} entropy {m.get('entropy', nan):.3f} "
+          f"vloss {m.get('value_loss', nan):.4f} clip {m.get('clip_frac', nan):.3f} "
+          f"ptx {m.get('pretrain_loss', nan):.3f} len {m['response_length']:.1f} | "
+          f"gen {m['time/generation']:.3f}s score {m['time/scoring']:.3f}s train {m['time/training']:.3f}s | "
+          f"rollout {m['rollout_tokens_per_s']:.0f} tok/s train {m['train_tokens_per_s']:.0f} tok/s", flush=True)
+
+
 @gin.configurable
-def train_ppo(workdir: str, model: ModelConfig = gin.REQUIRED, ppo: PPOConfig = PPOConfig(),
+def train_ppo(workdir: str, model: ModelConfig = gin.REQUIRED, ppo: RLConfig = RLConfig(),
               iterations: int = 40, actor_lr: float = 1e-6, critic_lr: float = 5e-6, reward: str = "target:a",
               actor_init: Optional[str] = None, num_prompts: int = 256, pretrain_batch: int = 4,
-              prompts: Optional[Sequence[str]] = None, tokenizer: Optional[str] = None,
-              reward_token_id: Optional[int] = None, conditions: Optional[dict] = None,
-              mesh: MeshConfig = MeshConfig(), seed: int = 0) -> dict[str, Any]:
-    """Runs `iterations` PPO/GRPO iterations.
+              pretrain_data: Optional[InputConfig] = None, prompts: Optional[Sequence[str]] = None,
+              tokenizer: Optional[str] = None, reward_token_id: Optional[int] = None,
+              conditions: Optional[dict] = None, mesh: MeshConfig = MeshConfig(), seed: int = 0,
+              checkpoint_every: int = 10, checkpoint: CheckpointConfig = CheckpointConfig()) -> dict[str, Any]:
+    """Runs `iterations` RL iterations (`ppo.algo`: ppo, grpo, rloo, ...) in `workdir`, resuming if it holds
+    checkpoints (actor, critic, optimizer states, rollout rng, prompt and pretraining data positions).
 
     reward: `target:<text>` (fraction of response tokens equal to the first token of `<text>`) or
     `rm:<path>` (the conditional RM, fed each prompt's category as its system prompt; it scores
     `prefix + response + <|im_end|>\\n + reward token` like its training data). The critic starts from the RM
-    when given one, else from the actor's backbone with a zero head. `tokenizer`: `None`/`'char'` (toy) or a
+    when given one, else from the actor's backbone with a zero head, and reads the RM's input layout. ptx data:
+    `pretrain_data` (an `InputConfig` of the pretraining pipeline, e.g. the pretraining corpus) on the real path,
+    generated 'a+b=c' chats (`pretrain_batch` rows) on the toy one. `tokenizer`: `None`/`'char'` (toy) or a
     sentencepiece model; `reward_token_id` defaults to the tokenizer's (`default_reward_token_id`).
     """
     tok = load_tokenizer(tokenizer)
@@ -81,33 +103,46 @@ def train_ppo(workdir: str, model: ModelConfig = gin.REQUIRED, ppo: PPOConfig = 
     items = [it for it in make_prompt_items(records, tok, conds) if len(it["tokens"]) <= ppo.max_prompt_len]
     if len(items) < ppo.batch_size:
         raise ValueError(f"only {len(items)} prompts fit max_prompt_len={ppo.max_prompt_len}; need {ppo.batch_size}")
-    pt = toy_pretrain_batches(tok, pretrain_batch, ppo.max_prompt_len + ppo.max_new_tokens, seed) \
-        if tokenizer in (None, "char") else None
-    trainer = PPOTrainer(model, ppo, actor, critic, reward_fn, _opt(actor_lr), _opt(critic_lr),
-                         stop_ids=tok.stop_ids, pad_id=tok.pad_id, pretrain_iter=pt, seed=seed, mesh=dev_mesh)
-    log = MetricsLog(workdir, tensorboard=False)
-    rng = np.random.default_rng(seed)
-    n = ppo.batch_size
-    for it in range(iterations):
-        batch_items = [items[i] for i in rng.choice(len(items), n, replace=False)]
-        m = trainer.iterate(batch_items)
-        log.write(it + 1, m)
-        print(f"iter {it + 1:3d} reward {m['reward']:.3f} kl {m['kl']:.3f} entropy {m.get('entropy', float('nan')):.3f} "
-              f"vloss {m.get('value_loss', float('nan')):.4f} clip {m.get('clip_frac', float('nan')):.3f} "
-              f"len {m['response_length']:.1f} | gen {m['time/generation']:.3f}s score {m['time/scoring']:.3f}s "
-              f"train {m['time/training']:.3f}s | rollout {m['rollout_tokens_per_s']:.0f} tok/s "
-              f"train {m['train_tokens_per_s']:.0f} tok/s", flush=True)
-    log.close()
+    if pretrain_data is not None:
+        pt = make_pretrain_iterator(pretrain_data, tokenizer=tok, split="train")
+    elif tokenizer in (None, "char"):
+        pt = toy_pretrain_batches(tok, pretrain_batch, ppo.max_prompt_len + ppo.max_new_tokens, seed)
+    else:
+        pt = None
+    if pt is None and ppo.ptx_coef > 0:
+        raise ValueError("ptx_coef > 0 on the real-data path needs train_ppo.pretrain_data (an InputConfig)")
+    trainer = RLTrainer(model, ppo, actor, critic, reward_fn, _opt(actor_lr), _opt(critic_lr),
+                        stop_ids=tok.stop_ids, pad_id=tok.pad_id, pretrain_iter=pt, seed=seed, mesh=dev_mesh)
+    prompt_it = iter(grain.MapDataset.range(len(items)).shuffle(seed=seed).repeat().batch(ppo.batch_size))
+    step = trainer.loop_step(items)
+
+    def step_and_print(state: Any, indices: Any) -> tuple[Any, dict]:
+        state, m = step(state, indices)
+        _print_iteration(m)
+        return state, m
+
+    loop_cfg = LoopConfig(num_steps=iterations, log_every=1, eval_every=0, checkpoint_every=checkpoint_every,
+                          progress=False, desc=ppo.algo,
+                          nonfinite_advice="The last checkpoint holds finite params; lower the lrs")
+    initial = trainer.state
+    state, last, stopped = run_stage(workdir, trainer.abstract_state(), lambda: initial, step_and_print, prompt_it,
+                                     loop_cfg, checkpoint=checkpoint, extra_iters={"ptx": pt} if pt else None,
+                                     meta={"kind": ppo.algo, "gin": gin.config_str()})
+    if stopped:
+        return {"stopped": True, "iterations": int(state.iteration)}
+    last = last or read_metrics(workdir)[-1]  # a finished run resumed: nothing left to do
+    trainer.state = state
+    batch_items = [items[i] for i in range(ppo.batch_size)]
     batch, responses, _ = trainer.rollout(batch_items)  # fresh rollouts for the online scan
     scores = np.asarray(batch["scores"])
-    per = 1 if ppo.algo == "ppo" else ppo.group_size
-    write_jsonl(os.path.join(workdir, "rollouts.jsonl"), [
-        {"messages": batch_items[i // per]["messages"], "category": batch_items[i // per]["category"],
-         "response": tok.decode([t for t in r if t not in tok.stop_ids]), "reward": float(scores[i])}
-        for i, r in enumerate(responses)])
-    save_params(os.path.join(workdir, "actor_params.msgpack"), trainer.state.actor)
-    save_orbax(workdir, iterations, trainer.state.actor, meta={"kind": "actor", "final_reward": m["reward"]})
-    return {"final_reward": m["reward"], "final_kl": m["kl"], "iterations": iterations}
+    per = samples_per_prompt(trainer.algo, ppo.group_size)
+    if jax.process_index() == 0:
+        write_jsonl(os.path.join(workdir, "rollouts.jsonl"), [
+            {"messages": batch_items[i // per]["messages"], "category": batch_items[i // per]["category"],
+             "response": tok.decode([t for t in r if t not in tok.stop_ids]), "reward": float(scores[i])}
+            for i, r in enumerate(responses)])
+        save_msgpack(os.path.join(workdir, "actor_params.msgpack"), state.actor)
+    return {"final_reward": last["reward"], "final_kl": last["kl"], "iterations": iterations}
 
 
 def main(argv=None) -> int:

@@ -3,34 +3,36 @@
 Data: `toy:N` (generated pairs, character tokenizer) or JSONL preference files (see
 `internlm2_jax.rlhf.preference_data`) with a sentencepiece tokenizer. `init_from`: an HF folder, an Orbax
 pretraining / SFT workdir, or an RM (`.msgpack` / Orbax RM workdir). Params live on the `mesh` (default:
-all devices over `data`). Writes the RM as an Orbax checkpoint (`<workdir>/checkpoints/<step>`, readable by
-`experiments.ppo` as `reward = 'rm:<workdir>'`), `rm_params.msgpack`, and `metrics.jsonl` (loss, accuracy,
-per-condition held-out accuracy).
+all devices over `data`). The run's Orbax checkpoints (`<workdir>/checkpoints/<step>`) are the RM (readable by
+`experiments.ppo` as `reward = 'rm:<workdir>'`) and resume an interrupted run exactly; also writes
+`rm_params.msgpack` and `metrics.jsonl` (loss, accuracy, per-condition held-out accuracy).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
-import time
 from typing import Any, Optional, Sequence
 
 import gin
+import grain
 import jax
 
 from internlm2_jax.config import ModelConfig
-from internlm2_jax.rlhf.checkpoints import load_reward, save_orbax
-from internlm2_jax.rlhf.params_io import save_params
+from internlm2_jax.checkpointing import CheckpointConfig
+from internlm2_jax.params_loading import load_reward, save_msgpack
 from internlm2_jax.rlhf.preference_data import pack_pairs, read_jsonl, tokenize_pairs
 from internlm2_jax.rlhf.prompts import default_reward_token_id
-from internlm2_jax.rlhf.reward_model import DEFAULT_CONDITIONS, init_reward_params
-from internlm2_jax.rlhf.rm_trainer import RMTrainer, evaluate
+from internlm2_jax.rlhf.reward_model import DEFAULT_CONDITIONS
+from internlm2_jax.rlhf.reward_task import RewardModelTask, evaluate
 from internlm2_jax.rlhf.toy_tasks import TOY_CONDITIONS, CharTokenizer, toy_preference_records
 from internlm2_jax.sharding import MeshConfig, make_mesh
 from internlm2_jax.train.metrics_log import MetricsLog
 from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
-from internlm2_jax.train.runner import report_skipped_step
+from internlm2_jax.train.runner import LoopConfig, run_stage
+from internlm2_jax.train.trainer import Trainer
 
 
 def load_preferences(data: Sequence[str], tokenizer: Optional[str], conditions: Optional[dict]):
@@ -58,12 +60,15 @@ def train_rm(workdir: str, model: ModelConfig = gin.REQUIRED, data: Sequence[str
                  peak_lr=1e-5, end_lr_ratio=0.5, warmup_steps=0, weight_decay=0.01),
              token_budget: int = 16384, row_len: int = 2048, max_pairs: int = 512, epochs: int = 1,
              gamma: float = 2.0, barrier_weight: float = 0.02, eval_fraction: float = 0.1,
-             mesh: MeshConfig = MeshConfig(), seed: int = 0, max_nonfinite: int = 5) -> dict[str, Any]:
-    """Trains the RM for `epochs` over token-budget batches; returns the final held-out metrics.
+             mesh: MeshConfig = MeshConfig(), seed: int = 0, max_nonfinite: int = 5, checkpoint_every: int = 100,
+             checkpoint: CheckpointConfig = CheckpointConfig(), progress: bool = False) -> dict[str, Any]:
+    """Trains the RM for `epochs` over token-budget batches in `workdir` (resuming if it holds checkpoints);
+    returns the final held-out metrics.
 
-    Steps with a non-finite loss or gradient are skipped; `max_nonfinite` in a row stop the run.
-
-    `reward_token_id` defaults to the tokenizer's (`internlm2_jax.rlhf.prompts.default_reward_token_id`).
+    Runs in the one training loop: checkpoints (params, optimizer, position in the batches) every
+    `checkpoint_every` steps and at the end, exact resume, SIGTERM save-and-stop; steps with a non-finite loss
+    or gradient are skipped, `max_nonfinite` in a row stop the run. `reward_token_id` defaults to the
+    tokenizer's (`internlm2_jax.rlhf.prompts.default_reward_token_id`).
     """
     records, tok, conds, rid = load_preferences(list(data), tokenizer, conditions)
     rid = reward_token_id if reward_token_id is not None else rid
@@ -73,31 +78,29 @@ def train_rm(workdir: str, model: ModelConfig = gin.REQUIRED, data: Sequence[str
     pack = dict(token_budget=token_budget, row_len=row_len, max_pairs=max_pairs, condition_names=names)
     train, held = list(pack_pairs(pairs[n_eval:], **pack)), list(pack_pairs(pairs[:n_eval], **pack))
     steps = epochs * len(train)
-    tx = make_optimizer(optimizer.__class__(**{**optimizer.__dict__, "total_steps": steps}))
-    trainer = RMTrainer(model, tx, make_mesh(mesh), gamma=gamma, barrier_weight=barrier_weight)
-    if init_from:
-        params = load_reward(init_from, model, trainer.param_shardings)
-    else:
-        params = trainer.place(init_reward_params(model, jax.random.key(seed)))
-    opt = trainer.init_opt(params)
-    log = MetricsLog(workdir, tensorboard=False)
-    step, nonfinite, t0 = 0, 0, time.perf_counter()
-    for _ in range(epochs):
-        for b in train:
-            params, opt, m = jax.block_until_ready(trainer.step(params, opt, b))
-            step += 1
-            log.write(step, {**{k: float(v) for k, v in m.items()}, "tokens_per_s":
-                             step * token_budget / (time.perf_counter() - t0)})
-            nonfinite = 0 if bool(m["finite"]) else nonfinite + 1
-            if nonfinite:
-                report_skipped_step(step, nonfinite, max_nonfinite, "Lower the lr or inspect the preference data",
-                                    what="reward-model steps")
-    result = {"steps": steps, "pairs": len(pairs), "dropped": dropped, **evaluate(model, params, held, names)}
-    log.write(step, {f"eval/{k}": v for k, v in result.items()})
+    tx = make_optimizer(dataclasses.replace(optimizer, total_steps=steps))
+    trainer = Trainer(RewardModelTask(model, gamma, barrier_weight), tx, make_mesh(mesh), seed=seed)
+
+    def init():
+        if init_from:
+            return trainer.state_from_params(load_reward(init_from, model, trainer.param_shardings))
+        return trainer.init_state(jax.random.key(seed))
+
+    batches = iter(grain.MapDataset.source(train).repeat(epochs))
+    loop_cfg = LoopConfig(num_steps=steps, log_every=1, eval_every=0, checkpoint_every=checkpoint_every,
+                          max_nonfinite=max_nonfinite, progress=progress, desc="reward-model",
+                          nonfinite_advice="Lower the lr or inspect the preference data")
+    meta = {"kind": "reward_model", "reward_token_id": int(rid), "gin": gin.config_str()}
+    state, _, stopped = run_stage(workdir, trainer.abstract_state(), init, trainer.step_host, batches, loop_cfg,
+                                  checkpoint=checkpoint, meta=meta)
+    if stopped:
+        return {"steps": int(state.step), "stopped": True}
+    result = {"steps": steps, "pairs": len(pairs), "dropped": dropped, **evaluate(model, state.params, held, names)}
+    log = MetricsLog(workdir, resume_step=steps, tensorboard=False)
+    log.write(steps, {f"eval/{k}": v for k, v in result.items()})
     log.close()
-    save_params(os.path.join(workdir, "rm_params.msgpack"), params)
-    save_orbax(workdir, step, params, meta={"kind": "reward_model", "reward_token_id": int(rid), **{
-        k: v for k, v in result.items() if isinstance(v, (int, float))}})
+    if jax.process_index() == 0:
+        save_msgpack(os.path.join(workdir, "rm_params.msgpack"), state.params)
     return result
 
 

@@ -26,6 +26,14 @@ class CheckpointConfig:
     """Write in a background thread while training continues."""
 
 
+def _iterators(data_iter: Any) -> dict[str, Any]:
+    """Item names of the data iterators: one iterator → `data`; a dict → `data` for key "" and
+    `data_<key>` for the others (e.g. PPO's prompt and pretraining iterators)."""
+    if not isinstance(data_iter, dict):
+        return {"data": data_iter}
+    return {("data" if k == "" else f"data_{k}"): it for k, it in data_iter.items()}
+
+
 class Checkpointer:
     """`CheckpointManager` over items `state` (sharded arrays), `data` (grain iterator), `meta` (JSON)."""
 
@@ -41,11 +49,13 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_iter: Any = None, meta: Optional[dict] = None,
              force: bool = False) -> None:
-        """Saves (asynchronously unless disabled); `meta` is any JSON-able dict (config, RNG seed...)."""
+        """Saves (asynchronously unless disabled); `data_iter` is a grain iterator or a dict of them (restored in
+        place by `restore`); `meta` is any JSON-able dict (config, RNG seed...)."""
         args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
         if data_iter is not None:
             import grain
-            args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+            for name, it in _iterators(data_iter).items():
+                args[name] = grain.checkpoint.CheckpointSave(it)
         self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
     def wait(self) -> None:
@@ -64,7 +74,8 @@ class Checkpointer:
             args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
             if data_iter is not None:
                 import grain
-                args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+                for name, it in _iterators(data_iter).items():
+                    args[name] = grain.checkpoint.CheckpointRestore(it)
             try:
                 out = self.manager.restore(s, args=ocp.args.Composite(**args))
             except Exception as e:  # noqa: BLE001 - any read failure means "unusable checkpoint"
@@ -93,20 +104,40 @@ class Checkpointer:
         self.manager.close()
 
 
-def load_parameters_only(directory: str, abstract_params: Any, step: Optional[int] = None) -> Any:
-    """Params from a train-state checkpoint (warm start): no optimizer state or data state read."""
+def state_tree(directory: str, step: int) -> dict:
+    """The nested-dict structure (array metadata leaves) of checkpoint `step`'s state, without reading arrays."""
+    path = os.path.join(os.path.abspath(directory), str(step), "state")
+    meta = ocp.PyTreeCheckpointer().metadata(path)
+    return dict(getattr(meta, "item_metadata", meta).tree)
+
+
+def load_parameters_only(directory: str, abstract_params: Any, step: Optional[int] = None,
+                         subtree: tuple[str, ...] = ("params",)) -> Any:
+    """Params from a train-state checkpoint (warm start): no optimizer state or data state read.
+
+    `subtree`: where the params sit in the saved state (`("params",)` for a `TrainState`,
+    `("actor_state", "params")` for an `RLState`). Restored onto `abstract_params`' shardings.
+    """
     ckpt = Checkpointer(directory, CheckpointConfig(async_save=False))
     steps = ckpt.all_steps()
     if not steps:
         raise FileNotFoundError(f"no checkpoint found in {directory}")
     s = steps[-1] if step is None else step
     path = os.path.join(ckpt.directory, str(s), "state")
+
+    def nest(x: Any) -> Any:
+        for k in reversed(subtree):
+            x = {k: x}
+        return x
+
     restored = ocp.PyTreeCheckpointer().restore(
         path, args=ocp.args.PyTreeRestore(
-            item={"params": abstract_params},
-            restore_args={"params": jax.tree.map(
+            item=nest(abstract_params),
+            restore_args=nest(jax.tree.map(
                 lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
-                abstract_params)},
+                abstract_params)),
             partial_restore=True))
     ckpt.close()
-    return restored["params"]
+    for k in subtree:
+        restored = restored[k]
+    return restored

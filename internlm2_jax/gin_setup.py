@@ -12,7 +12,7 @@ from internlm2_jax.config import ModelConfig, get_preset
 from internlm2_jax.input import InputConfig
 from internlm2_jax.sharding import MeshConfig
 from internlm2_jax.train.optimizer import OptimizerConfig
-from internlm2_jax.train.step import StepConfig
+from internlm2_jax.train.causal_lm import StepConfig
 
 for _cls in (InputConfig, OptimizerConfig, MeshConfig, StepConfig, CheckpointConfig):
     gin.external_configurable(_cls)

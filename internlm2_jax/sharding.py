@@ -100,9 +100,9 @@ def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules=LOGICAL_RULES) -> 
 
 
 def data_sharding(mesh: Mesh, rank: int = 2) -> NamedSharding:
-    """Sharding of a `[batch, length, ...]` input array."""
-    spec = nn.logical_to_mesh_axes(("batch", "length") + (None,) * (rank - 2), LOGICAL_RULES)
-    return NamedSharding(mesh, spec)
+    """Sharding of a `[batch, length, ...]` input array (`[batch]` for rank 1, replicated for a scalar)."""
+    names = ("batch", "length")[:rank] + (None,) * max(rank - 2, 0)
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(names, LOGICAL_RULES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -9,7 +9,7 @@ import pytest
 
 from internlm2_jax.rlhf.dpo import dpo_loss
 from internlm2_jax.rlhf.gae import gae
-from internlm2_jax.rlhf.grpo import group_advantages
+from internlm2_jax.rlhf.algorithms.grpo import group_advantages
 from internlm2_jax.rlhf.ppo import kl_estimate, policy_loss, token_rewards, value_loss, whiten
 from internlm2_jax.rlhf.reward_loss import log_barrier, ranking_loss, reward_loss
 

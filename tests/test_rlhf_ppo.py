@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from internlm2_jax import get_preset
-from internlm2_jax.rlhf.ppo_trainer import PPOConfig, PPOTrainer
+from internlm2_jax.rlhf.rl_trainer import RLConfig, RLTrainer
 from internlm2_jax.rlhf.reward_model import init_policy, init_reward_params
 from internlm2_jax.rlhf.rollout import make_prompt_items
 from internlm2_jax.rlhf.toy_tasks import (TOY_CONDITIONS, CharTokenizer, target_token_reward, toy_pretrain_batches,
@@ -40,10 +40,10 @@ def _init(seed: int = 0):
 def _trainer(seed: int = 0, **kw):
     """PPO trainers built with the same model, optimizers and mesh share their compiled steps."""
     actor, critic = _init(seed)
-    cfg = PPOConfig(**{**dict(batch_size=16, max_prompt_len=32, max_new_tokens=8, critic_warmup_iters=2,
+    cfg = RLConfig(**{**dict(batch_size=16, max_prompt_len=32, max_new_tokens=8, critic_warmup_iters=2,
                               ptx_coef=0.0, kl_coef=0.05, top_p=1.0), **kw})
     pt = toy_pretrain_batches(TOK, 4, 32) if cfg.ptx_coef > 0 else None
-    return PPOTrainer(CFG, cfg, actor, critic, _reward, TX, TX, stop_ids=TOK.stop_ids, pretrain_iter=pt)
+    return RLTrainer(CFG, cfg, actor, critic, _reward, TX, TX, stop_ids=TOK.stop_ids, pretrain_iter=pt)
 
 
 def _run(tr, iters, start=0):

@@ -9,7 +9,7 @@ import pytest
 from internlm2_jax import get_preset
 from internlm2_jax.rlhf.preference_data import pack_pairs, record_conversations, tokenize_pairs
 from internlm2_jax.rlhf.reward_model import init_reward_params
-from internlm2_jax.rlhf.rm_trainer import evaluate, rm_train_step
+from internlm2_jax.rlhf.reward_task import evaluate, rm_train_step
 from internlm2_jax.rlhf.toy_tasks import TOY_CONDITIONS, CharTokenizer, toy_preference_records
 from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
 

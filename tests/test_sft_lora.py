@@ -8,9 +8,10 @@ import optax
 import pytest
 
 from internlm2_jax import forward, get_preset, init_params
-from internlm2_jax.sft.lora import (LoraConfig, QuantizedWeight, apply_lora, init_lora, make_lora_step, merge_lora,
+from internlm2_jax.sft.lora import (LoraConfig, QuantizedWeight, apply_lora, init_lora, merge_lora,
                                     quantize_int8)
 from internlm2_jax.sft.quantize import Int4Weight, int4_axis, quantize_base, quantize_int4, quantize_int4_weight
+from internlm2_jax.sft.lora_trainer import make_lora_step
 
 CFG = get_preset("tiny", dtype="float32")
 

@@ -12,7 +12,7 @@ from internlm2_jax.model import init_params
 from internlm2_jax.sharding import MeshConfig, make_mesh
 from internlm2_jax.train.loss import chunked_cross_entropy, next_token_targets
 from internlm2_jax.train.optimizer import OptimizerConfig, lr_schedule, make_optimizer
-from internlm2_jax.train.step import StepConfig, Trainer, loss_and_grads
+from internlm2_jax.train.causal_lm import StepConfig, causal_lm_trainer, loss_and_grads
 
 # Hand-built batch: row 0 packs two documents (segments 1, 2) then padding (segment 0); row 1 is one
 # document whose first 3 tokens are the prompt (loss_mask 0).
@@ -66,7 +66,7 @@ def test_overfits_a_fixed_batch(seed):
     cfg = get_preset("tiny", dtype="float32")
     tokens = np.random.default_rng(seed + 1).integers(0, cfg.vocab_size, (4, 32)).astype(np.int32)
     tx = make_optimizer(OptimizerConfig(peak_lr=1e-2, warmup_steps=10, total_steps=200, weight_decay=0.0))
-    trainer = Trainer(cfg, tx, _mesh(), StepConfig(loss_chunk=16))
+    trainer = causal_lm_trainer(cfg, tx, _mesh(), StepConfig(loss_chunk=16))
     state = trainer.init_state(jax.random.key(seed))
     first = None
     for _ in range(200):

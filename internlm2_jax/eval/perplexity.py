@@ -22,7 +22,7 @@ import numpy as np
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.input import InputConfig, make_pretrain_iterator
 from internlm2_jax.tokenizer import Tokenizer
-from internlm2_jax.train.step import StepConfig, loss_fn
+from internlm2_jax.train.causal_lm import StepConfig, loss_fn
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

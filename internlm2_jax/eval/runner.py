@@ -55,17 +55,13 @@ def load_model(model: ModelConfig | None, hf_path: str | None, checkpoint: str |
                          "trained weights)")
     if dtype:
         model = dataclasses.replace(model, dtype=dtype)
-    from internlm2_jax.model import abstract_params, init_params
+    from internlm2_jax.model import init_params
 
     if checkpoint:
-        from internlm2_jax.checkpointing import load_parameters_only
+        from internlm2_jax.params_loading import load_policy, single_device_abstract
 
-        ckpt_dir = os.path.join(checkpoint, "checkpoints")
-        ckpt_dir = ckpt_dir if os.path.isdir(ckpt_dir) else checkpoint
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                                nn.meta.unbox(abstract_params(model)))
-        return model, load_parameters_only(ckpt_dir, abstract, checkpoint_step), f"orbax:{ckpt_dir}"
+        shardings = jax.tree.map(lambda a: a.sharding, single_device_abstract(model))
+        return model, load_policy(checkpoint, model, shardings, checkpoint_step), f"checkpoint:{checkpoint}"
     return model, nn.meta.unbox(init_params(model, jax.random.key(seed))), f"init:seed={seed}"
 
 

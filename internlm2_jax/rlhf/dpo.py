@@ -1,13 +1,15 @@
 """DPO: preference optimization against a frozen reference whose log-probs are computed once and cached.
 
-Batches hold chosen/rejected sequences `[B, L]` (right-padded) with masks `[B, L]` that are 1 on response
+`DPOTask` is the stage's task for the one `Trainer` (`experiments.dpo`); `dpo_step` is the same step on plain
+trees. Batches hold chosen/rejected sequences `[B, L]` (right-padded) with masks `[B, L]` that are 1 on response
 tokens; the reference's summed response log-probs are stored in the batch (`ref_chosen`, `ref_rejected`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +17,10 @@ import numpy as np
 import optax
 
 from internlm2_jax.config import ModelConfig
+from internlm2_jax.model import init_params
 from internlm2_jax.rlhf.preference_data import ChatEncoder, record_conversations
 from internlm2_jax.rlhf.rollout import policy_logprobs
-from internlm2_jax.train.step import finite_update
+from internlm2_jax.train.update import TrainState, update_step
 
 Params = Any
 
@@ -61,16 +64,37 @@ def cache_reference(config: ModelConfig, ref: Params, batches: Iterable[dict[str
             for b in batches]
 
 
+@dataclasses.dataclass(frozen=True)
+class DPOTask:
+    """DPO loss of the policy against cached reference log-probs (`ref_chosen`, `ref_rejected` in the batch);
+    trainable = the policy, nothing frozen (the reference only lives in the cache)."""
+
+    config: ModelConfig
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    grad_accum: int = 1
+    name: str = "dpo"
+
+    @property
+    def weight_dtype(self) -> Any:
+        return self.config.weight_dtype
+
+    def loss(self, params: Params, frozen: Any, batch: dict, rng: Optional[jax.Array]) -> tuple[jax.Array, dict]:
+        pc = sequence_logps(self.config, params, batch["chosen"], batch["chosen_mask"])
+        pr = sequence_logps(self.config, params, batch["rejected"], batch["rejected_mask"])
+        loss, metrics = dpo_loss(pc, pr, batch["ref_chosen"], batch["ref_rejected"], beta=self.beta,
+                                 label_smoothing=self.label_smoothing)
+        return loss, {"weight": jnp.ones((), jnp.float32), **metrics}
+
+    def boxed_params(self, rng: jax.Array) -> Params:
+        return init_params(self.config, rng)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "tx", "beta", "label_smoothing"), donate_argnums=(1, 2))
 def dpo_step(config: ModelConfig, params: Params, opt_state: Any, batch: dict[str, jax.Array], *,
              tx: optax.GradientTransformation, beta: float = 0.1, label_smoothing: float = 0.0):
-    """One optimizer step on the DPO loss of a batch with cached reference log-probs (skipped when not finite)."""
-    def loss_fn(p):
-        pc = sequence_logps(config, p, batch["chosen"], batch["chosen_mask"])
-        pr = sequence_logps(config, p, batch["rejected"], batch["rejected_mask"])
-        return dpo_loss(pc, pr, batch["ref_chosen"], batch["ref_rejected"], beta=beta,
-                        label_smoothing=label_smoothing)
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    params, opt_state, finite, grad_norm = finite_update(tx, params, opt_state, grads, loss)
-    return params, opt_state, {**metrics, "grad_norm": grad_norm, "finite": finite}
+    """One guarded `DPOTask` step on plain trees without a mesh: `(params, opt_state, metrics)`."""
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                       skipped=jnp.zeros((), jnp.int32))
+    state, metrics = update_step(DPOTask(config, beta, label_smoothing).loss, tx, state, None, batch)
+    return state.params, state.opt_state, metrics

@@ -33,11 +33,11 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax
 
 
 def chunked_token_logprobs(hidden: jax.Array, head: jax.Array, tokens: jax.Array,
-                           chunk: int = 128) -> tuple[jax.Array, jax.Array]:
+                           chunk: int = 128, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """Action-aligned (logp, entropy) `[B, T]` from hidden states `[B, T, D]` and the head `[D, V]`.
 
     Position s predicts token s+1; the results are shifted right so `logp[:, t]` = log π(tokens[t] |
-    tokens[<t]) (0 at t = 0), matching `token_logprobs(hidden @ head, tokens)`.
+    tokens[<t]) (0 at t = 0), matching `token_logprobs(hidden @ head / temperature, tokens)`.
     """
     b, t, d = hidden.shape
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
@@ -52,6 +52,8 @@ def chunked_token_logprobs(hidden: jax.Array, head: jax.Array, tokens: jax.Array
     @jax.checkpoint
     def one(h: jax.Array, tg: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = jnp.einsum("bcd,dv->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+        if temperature != 1.0:
+            logits = logits / temperature
         lse = jax.nn.logsumexp(logits, axis=-1)
         lp = jnp.take_along_axis(logits, tg[..., None], axis=-1)[..., 0] - lse
         probs = jnp.exp(logits - lse[..., None])
@@ -64,12 +66,14 @@ def chunked_token_logprobs(hidden: jax.Array, head: jax.Array, tokens: jax.Array
     return shift_right(lp), shift_right(ent)
 
 
-def policy_logprobs(config: ModelConfig, params: Params, tokens: jax.Array,
-                    chunk: int = 128) -> tuple[jax.Array, jax.Array]:
-    """(logp, entropy) `[B, T]` of `tokens [B, T]` under the policy (action-aligned).
+def policy_logprobs(config: ModelConfig, params: Params, tokens: jax.Array, chunk: int = 128,
+                    temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """(logp, entropy) `[B, T]` of `tokens [B, T]` under the policy at sampling `temperature` (action-aligned):
+    the distribution the rollout sampled from, `softmax(logits / temperature)`.
 
     `chunk > 0`: chunked over the sequence (no full logits); `chunk = 0`: the plain full-logits path.
     """
     if chunk <= 0:
-        return token_logprobs(forward(config, params, tokens), tokens)
-    return chunked_token_logprobs(hidden_states(config, params, tokens), params["output"], tokens, chunk)
+        return token_logprobs(forward(config, params, tokens) / temperature, tokens)
+    return chunked_token_logprobs(hidden_states(config, params, tokens), params["output"], tokens, chunk,
+                                  temperature)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 import re
 from typing import Any, Callable, Optional, Sequence
 
@@ -78,10 +79,12 @@ def scan_rollouts(records: Sequence[dict[str, Any]], *, checks: Sequence[Verifie
 
 
 def write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> None:
-    """Writes one JSON object per line."""
-    with open(path, "w") as f:
+    """Writes one JSON object per line (atomically: a temp file renamed over `path`)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 @dataclasses.dataclass

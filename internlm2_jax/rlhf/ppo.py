@@ -1,4 +1,8 @@
-"""PPO pieces on token arrays `[B, T]` with an action mask: KL estimators, whitening, clipped losses."""
+"""PPO pieces on token arrays `[B, T]` with an action mask: KL estimators, whitening, clipped losses.
+
+Log ratios are clamped to `±LOG_RATIO_CLAMP` before `exp` (as OpenRLHF does), and masked means select rather
+than multiply, so a padded slot holding an extreme or non-finite value cannot turn the loss into inf / NaN.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,14 @@ import jax
 import jax.numpy as jnp
 
 
+LOG_RATIO_CLAMP = 20.0
+"""|log π − log π_old| and |log π − log π_ref| beyond this are clamped (exp(20) ≈ 5e8 stays finite in fp32)."""
+
+
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean of `x` over entries where `mask` is 1 (0 if none)."""
+    """Mean of `x` over entries where `mask` is 1 (0 if none); entries off the mask never contribute, even NaN."""
     mask = mask.astype(jnp.float32)
-    return jnp.sum(x * mask) / jnp.maximum(mask.sum(), 1.0)
+    return jnp.sum(jnp.where(mask > 0, x * mask, 0.0)) / jnp.maximum(mask.sum(), 1.0)
 
 
 def whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
@@ -26,7 +34,7 @@ def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kind: str = "k1") -> jax.A
     k1 = log π − log π_ref (unbiased, can be negative); k3 = (r − 1) − log r with r = π_ref/π
     (unbiased, always ≥ 0, lower variance); k2 = ½(log π − log π_ref)².
     """
-    log_ratio = logp - ref_logp
+    log_ratio = jnp.clip(logp - ref_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if kind == "k1":
         return log_ratio
     if kind == "k2":
@@ -48,13 +56,14 @@ def token_rewards(scores: jax.Array, kl: jax.Array, mask: jax.Array, kl_coef: fl
 
 def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
                 clip: float = 0.2) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Clipped surrogate `mean(max(−A·ρ, −A·clip(ρ, 1±ε)))` with `ρ = exp(logp − old_logp)`."""
-    ratio = jnp.exp(logp - old_logp)
+    """Clipped surrogate `mean(max(−A·ρ, −A·clip(ρ, 1±ε)))` with `ρ = exp(clamp(logp − old_logp))`."""
+    log_ratio = jnp.clip(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = jnp.exp(log_ratio)
     loss1 = -advantages * ratio
     loss2 = -advantages * jnp.clip(ratio, 1.0 - clip, 1.0 + clip)
     loss = masked_mean(jnp.maximum(loss1, loss2), mask)
     clipfrac = masked_mean((loss2 > loss1).astype(jnp.float32), mask)
-    approx_kl = masked_mean(0.5 * (logp - old_logp) ** 2, mask)
+    approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
     return loss, {"policy_loss": loss, "clip_frac": clipfrac, "approx_kl": approx_kl}
 
 

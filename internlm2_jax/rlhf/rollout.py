@@ -49,19 +49,41 @@ def assemble(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]
     return {"tokens": tokens, "action_mask": mask}
 
 
-def critic_values(config: ModelConfig, critic: Params, tokens: jax.Array) -> jax.Array:
-    """Action-aligned values `[B, T]`: V(tokens[<t]) from the critic's head at t − 1."""
-    return shift_right(token_values(config, critic, tokens))
+def critic_layout(prefixes: Sequence[Sequence[int]], prompts: Sequence[Sequence[int]],
+                  responses: Sequence[Sequence[int]], seq_len: int, pad_id: int = 0,
+                  bucket: int = 64) -> dict[str, np.ndarray]:
+    """The critic's input in the RM's layout: `critic_tokens [B, Lc]` = RM prefix (the condition's system prompt
+    + the conversation) + response, right-padded to a multiple of `bucket`, and `critic_index [B, seq_len]`: for
+    the action at actor position `len(prompt) + j`, the critic position `len(prefix) + j − 1` whose head output
+    is V(state before that action) (0 off the actions)."""
+    lens = [len(p) + len(r) for p, r in zip(prefixes, responses)]
+    width = -(-max(lens) // bucket) * bucket
+    tokens = np.full((len(prefixes), width), pad_id, np.int32)
+    index = np.zeros((len(prefixes), seq_len), np.int32)
+    for i, (pre, p, r) in enumerate(zip(prefixes, prompts, responses)):
+        tokens[i, : lens[i]] = list(pre) + list(r)
+        index[i, len(p): len(p) + len(r)] = np.arange(len(pre) - 1, len(pre) - 1 + len(r))
+    return {"critic_tokens": tokens, "critic_index": index}
 
 
-def rollout_stats(config: ModelConfig, actor: Params, ref: Params, critic: Optional[Params], tokens: jax.Array,
-                  chunk: int = 128) -> dict[str, jax.Array]:
-    """Old log-probs, reference log-probs and (if a critic is given) old values, all `[B, T]`."""
-    logp, _ = policy_logprobs(config, actor, tokens, chunk)
-    ref_logp, _ = policy_logprobs(config, ref, tokens, chunk)
+def critic_values(config: ModelConfig, critic: Params, batch: dict[str, jax.Array]) -> jax.Array:
+    """Action-aligned values `[B, T]`: V(state before action t). With `critic_tokens` / `critic_index` (the RM
+    layout, see `critic_layout`) the head output at the mapped positions; else the head at t − 1 of `tokens`."""
+    if "critic_tokens" in batch:
+        values = token_values(config, critic, batch["critic_tokens"])
+        return jnp.take_along_axis(values, batch["critic_index"], axis=1)
+    return shift_right(token_values(config, critic, batch["tokens"]))
+
+
+def rollout_stats(config: ModelConfig, actor: Params, ref: Params, critic: Optional[Params],
+                  batch: dict[str, jax.Array], chunk: int = 128, temperature: float = 1.0) -> dict[str, jax.Array]:
+    """Old log-probs and reference log-probs (at the sampling temperature) and, with a critic, old values,
+    all `[B, T]`."""
+    logp, _ = policy_logprobs(config, actor, batch["tokens"], chunk, temperature)
+    ref_logp, _ = policy_logprobs(config, ref, batch["tokens"], chunk, temperature)
     out = {"old_logp": logp, "ref_logp": ref_logp}
     if critic is not None:
-        out["old_values"] = critic_values(config, critic, tokens)
+        out["old_values"] = critic_values(config, critic, batch)
     return out
 
 

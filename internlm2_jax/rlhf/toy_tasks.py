@@ -124,15 +124,22 @@ def toy_prompts(n: int, tok: CharTokenizer, seed: int = 0) -> list[dict[str, Any
              "category": cats[i % len(cats)]} for i in range(n)]
 
 
-def toy_pretrain_batches(tok: CharTokenizer, batch: int, seq_len: int, seed: int = 0):
-    """Endless `{"tokens": [batch, seq_len]}` of chat-formatted 'a+b=c' examples (the ptx data)."""
-    rng = random.Random(seed)
-    while True:
-        rows = np.zeros((batch, seq_len), np.int32)
-        mask = np.zeros((batch, seq_len), np.float32)
-        for i in range(batch):
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            ids = tok.encode_chat([{"role": "user", "content": f"{a}+{b}"},
-                                   {"role": "assistant", "content": str(a + b)}])[:seq_len]
-            rows[i, : len(ids)], mask[i, : len(ids)] = ids, 1.0
-        yield {"tokens": rows, "loss_mask": mask}
+def _toy_pretrain_batch(tok: CharTokenizer, batch: int, seq_len: int, seed: int, index: int) -> dict[str, np.ndarray]:
+    rng = random.Random(seed * 1_000_003 + index)
+    rows = np.zeros((batch, seq_len), np.int32)
+    mask = np.zeros((batch, seq_len), np.float32)
+    for i in range(batch):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        ids = tok.encode_chat([{"role": "user", "content": f"{a}+{b}"},
+                               {"role": "assistant", "content": str(a + b)}])[:seq_len]
+        rows[i, : len(ids)], mask[i, : len(ids)] = ids, 1.0
+    return {"tokens": rows, "loss_mask": mask}
+
+
+def toy_pretrain_batches(tok: CharTokenizer, batch: int, seq_len: int, seed: int = 0) -> Any:
+    """Endless, checkpointable (grain) iterator of `{"tokens", "loss_mask": [batch, seq_len]}` batches of
+    chat-formatted 'a+b=c' examples (the toy ptx data); batch i depends only on (seed, i)."""
+    import grain
+
+    return iter(grain.MapDataset.range(1 << 40).map(
+        lambda i: _toy_pretrain_batch(tok, batch, seq_len, seed, int(i))))

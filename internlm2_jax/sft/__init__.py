@@ -13,9 +13,8 @@
 from internlm2_jax.sft.formats import (FormatError, LoadResult, load_conversations, load_sft_examples,
                                        parse_chatml, render_mask, to_messages, tokenize_conversation)
 from internlm2_jax.sft.generate import generate, generate_stream, sample_logits
-from internlm2_jax.sft.lora import (LoraConfig, QuantizedWeight, apply_lora, init_lora, make_lora_step,
-                                    merge_lora, quantize_int8)
-from internlm2_jax.sft.lora_trainer import LoraTrainer
+from internlm2_jax.sft.lora import LoraConfig, QuantizedWeight, apply_lora, init_lora, merge_lora, quantize_int8
+from internlm2_jax.sft.lora_trainer import LoraTrainer, make_lora_step
 from internlm2_jax.sft.packing import bucketed_batches, pack_rows, packed_batches
 
 __all__ = [

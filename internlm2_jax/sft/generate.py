@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.model import decode_step, prefill
@@ -87,8 +88,7 @@ def _stop_array(stop_ids: Sequence[int]) -> jax.Array:
     return jnp.asarray(list(stop_ids) + [-1] * (MAX_STOP_IDS - len(stop_ids)), jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "pad_id"))
-def _generate_jit(config: ModelConfig, params: Any, tokens: jax.Array, lengths: jax.Array, rng: jax.Array,
+def _generate_impl(config: ModelConfig, params: Any, tokens: jax.Array, lengths: jax.Array, rng: jax.Array,
                   stops: jax.Array, knobs: dict[str, jax.Array], *, max_new_tokens: int, pad_id: int) -> jax.Array:
     """tokens `[B, P]` right-padded, lengths `[B]` → generated ids `[B, max_new_tokens]` (pad after done)."""
     b, p = tokens.shape
@@ -119,6 +119,16 @@ def _generate_jit(config: ModelConfig, params: Any, tokens: jax.Array, lengths: 
     return jax.lax.while_loop(cond, body, init)[1]
 
 
+_STATIC = ("config", "max_new_tokens", "pad_id")
+_generate_jit = jax.jit(_generate_impl, static_argnames=_STATIC)
+
+
+@functools.lru_cache(maxsize=8)
+def _generate_on(mesh: Mesh) -> Any:
+    """`_generate_impl` jitted with a replicated output on `mesh` (readable on every process)."""
+    return jax.jit(_generate_impl, static_argnames=_STATIC, out_shardings=NamedSharding(mesh, P()))
+
+
 def _pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs >= 1 token")
@@ -132,19 +142,23 @@ def _pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndar
 def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
              stop_ids: Sequence[int] = (2,), rng: Optional[jax.Array] = None, pad_id: int = 0,
-             vocab_limit: Optional[int] = None) -> list[list[int]]:
+             vocab_limit: Optional[int] = None, mesh: Optional[Mesh] = None) -> list[list[int]]:
     """Samples continuations of a batch of token-id prompts.
 
     Returns, per prompt, the new tokens up to and including the first stop id (or `max_new_tokens`).
     `vocab_limit` (e.g. the tokenizer's size) forbids sampling ids at or above it.
     Params may be boxed (`init_params`) or plain. The cache holds `round_up(max prompt len, 16) +
-    max_new_tokens` slots.
+    max_new_tokens` slots. `mesh`: params live on this (possibly multi-process) mesh; the prompts and knobs are
+    placed replicated on it and the result comes back replicated, so every process gets every row.
     """
     tokens, lengths = _pad_prompts(prompts, pad_id)
     rng = jax.random.key(0) if rng is None else rng
-    out = _generate_jit(config, nn.meta.unbox(params), jnp.asarray(tokens), jnp.asarray(lengths), rng,
-                        _stop_array(stop_ids), _knobs(temperature, top_k, top_p, repetition_penalty, vocab_limit),
-                        max_new_tokens=int(max_new_tokens), pad_id=int(pad_id))
+    args = (jnp.asarray(tokens), jnp.asarray(lengths), rng, _stop_array(stop_ids),
+            _knobs(temperature, top_k, top_p, repetition_penalty, vocab_limit))
+    fn = _generate_jit
+    if mesh is not None:
+        args, fn = jax.device_put(args, NamedSharding(mesh, P())), _generate_on(mesh)
+    out = fn(config, nn.meta.unbox(params), *args, max_new_tokens=int(max_new_tokens), pad_id=int(pad_id))
     stops = set(int(s) for s in stop_ids)
     result = []
     for row in np.asarray(out).tolist():

@@ -22,19 +22,16 @@ output channel, `QuantizedWeight`). `apply_lora` dequantizes them inside the los
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from internlm2_jax.config import ModelConfig
 from internlm2_jax.sft.quantize import (IN_NDIM, INT4_BLOCK, OUT_NDIM, Int4Weight, QuantizedWeight,  # noqa: F401
                                         _map_targets, _split, dequantize, is_quantized, quantize_base,
                                         quantize_int4, quantize_int8)
-from internlm2_jax.train.step import StepConfig, loss_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,26 +109,3 @@ def apply_lora(base_params: Any, adapters: dict, alpha: float, rank: int, *, dro
 def merge_lora(base_params: Any, adapters: dict, cfg: LoraConfig) -> Any:
     """Plain merged params for export / inference (no dropout), e.g. for `save_hf`."""
     return jax.jit(lambda p, a: apply_lora(p, a, cfg.alpha, cfg.rank))(nn.meta.unbox(base_params), adapters)
-
-
-def make_lora_step(config: ModelConfig, tx: optax.GradientTransformation, cfg: LoraConfig,
-                   step_cfg: StepConfig = StepConfig()) -> Callable:
-    """Jitted `step(adapters, opt_state, base, batch, rng) -> (adapters, opt_state, metrics)`.
-
-    Only the adapters are differentiated and updated (`tx` is initialised on the adapter tree:
-    `opt_state = tx.init(adapters)`), so the base — plain, int8 or int4 — is never touched. `batch` follows the
-    train step's layout (`tokens/segment_ids/positions/loss_mask [B, S]`).
-    """
-    def loss(adapters, base, batch, rng):
-        merged = apply_lora(base, adapters, cfg.alpha, cfg.rank, dropout=cfg.dropout, rng=rng)
-        total, sums = loss_fn(config, merged, batch, step_cfg)
-        return total / jnp.maximum(sums["count"], 1.0), sums
-
-    @jax.jit
-    def step(adapters, opt_state, base, batch, rng):
-        (value, sums), grads = jax.value_and_grad(loss, has_aux=True)(adapters, base, batch, rng)
-        updates, opt_state = tx.update(grads, opt_state, adapters)
-        return optax.apply_updates(adapters, updates), opt_state, {"loss": value, "tokens": sums["count"],
-                                                                    "grad_norm": optax.tree.norm(grads)}
-
-    return step

@@ -15,12 +15,13 @@ import os
 import shutil
 from typing import Any, Optional, Sequence
 
+import flax.linen as nn
 import gin
 import jax
 import numpy as np
 import optax
 
-from internlm2_jax.checkpointing import CheckpointConfig, Checkpointer
+from internlm2_jax.checkpointing import CheckpointConfig
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.sft.data import SFTDataConfig, eval_batch, eval_prompts, make_train_iterator, num_rows
 from internlm2_jax.sft.formats import Message, load_conversations, load_sft_examples, render_mask
@@ -31,8 +32,9 @@ from internlm2_jax.sharding import MeshConfig, host_local_to_global, make_mesh, 
 from internlm2_jax.tokenizer import Tokenizer
 from internlm2_jax.train.metrics_log import MetricsLog
 from internlm2_jax.train.optimizer import OptimizerConfig, lr_schedule, make_optimizer
-from internlm2_jax.train.runner import LoopConfig, initial_state, restore_or_init, run_loop
-from internlm2_jax.train.step import StepConfig, Trainer
+from internlm2_jax.train.runner import LoopConfig, initial_state, run_stage
+from internlm2_jax.train.causal_lm import LOG_KEYS, StepConfig, causal_lm_trainer
+from internlm2_jax.train.trainer import mesh_context
 
 log = logging.getLogger(__name__)
 MODES = ("full", "lora", "qlora")
@@ -81,11 +83,20 @@ def _write_task(out_dir: str, task: str, sizes: tuple[int, int], seed: int) -> d
 def _make_trainer(mode: str, model: ModelConfig, tx: optax.GradientTransformation, m: Any, step_config: StepConfig,
                   lr_fn: Any, lora: LoraConfig, seed: int, init_from: Optional[str]):
     if mode == "full":
-        return Trainer(model, tx, m, step_config, lr_fn=lr_fn)
+        return causal_lm_trainer(model, tx, m, step_config, lr_fn=lr_fn)
     trainer = LoraTrainer(model, tx, m, lora, step_config, lr_fn=lr_fn, seed=seed,
                           quantize=f"int{lora.qlora_bits}" if mode == "qlora" else None)
-    loader = Trainer(model, optax.set_to_zero(), m, step_config)  # reuses HF / Orbax / fresh loading
-    trainer.set_base(initial_state(loader, init_from, seed).params)
+    if init_from:
+        from internlm2_jax.params_loading import load_policy
+
+        base = load_policy(init_from, model, trainer.full_shardings)
+    else:
+        from internlm2_jax.model import init_params
+
+        with mesh_context(m):
+            base = jax.jit(lambda r: nn.meta.unbox(init_params(model, r)),
+                           out_shardings=trainer.full_shardings)(jax.random.key(seed))
+    trainer.set_base(base)
     return trainer
 
 
@@ -152,25 +163,25 @@ def sft_train(
     trainer = _make_trainer(mode, model, make_optimizer(optimizer), m, step_config, lr_schedule(optimizer), lora, seed,
                             init_from)
     train_it = make_train_iterator(examples, data_config, seed=seed, pad_id=tok.pad_id)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), checkpoint)
-    start, state = restore_or_init(trainer, ckpt, train_it, lambda: (
-        trainer.init_state(jax.random.key(seed)) if mode != "full" else initial_state(trainer, init_from, seed)))
 
     evaluate = None
     if eval_every and held:
         held_examples = [tok.encode_chat_with_mask(c) for c in held]
         batch = eval_batch(held_examples, data_config.seq_len, data_config.global_batch_size, tok.pad_id)
 
-        def evaluate(params: Any) -> dict:
-            sums = jax.device_get(trainer.eval_loss(params, host_local_to_global(batch, m)))
+        def evaluate(state: Any) -> dict:
+            sums = jax.device_get(trainer.eval_loss(state.params, host_local_to_global(batch, m)))
             return {"eval_loss": float(sums["loss_sum"] / max(float(sums["count"]), 1.0)),
                     "eval_accuracy": float(sums["correct"] / max(float(sums["count"]), 1.0))}
 
     meta = {"mode": mode, "seed": seed, "num_steps": num_steps, "gin": gin.config_str()}
     loop_cfg = LoopConfig(num_steps=num_steps, log_every=log_every, eval_every=eval_every,
-                          checkpoint_every=checkpoint_every, progress=progress, desc=f"sft-{mode}")
-    state, last, stopped = run_loop(trainer, state, start, train_it, ckpt, MetricsLog(workdir, resume_step=start),
-                                    loop_cfg, evaluate=evaluate, meta=meta)
+                          checkpoint_every=checkpoint_every, progress=progress, desc=f"sft-{mode}",
+                          log_keys=LOG_KEYS)
+    init = lambda: (trainer.init_state(jax.random.key(seed)) if mode != "full"  # noqa: E731
+                    else initial_state(trainer, init_from, seed))
+    state, last, stopped = run_stage(workdir, trainer.abstract_state(), init, trainer.step_host, train_it, loop_cfg,
+                                     checkpoint=checkpoint, evaluate=evaluate, meta=meta)
     if stopped:
         return last
     params = state.params if mode == "full" else trainer.merged_params(state.params)

@@ -11,16 +11,16 @@ from typing import Any, Optional
 import gin
 import jax
 
-from internlm2_jax.checkpointing import CheckpointConfig, Checkpointer
+from internlm2_jax.checkpointing import CheckpointConfig
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.input import InputConfig, make_pretrain_iterator
 from internlm2_jax.sharding import MeshConfig, host_local_to_global, make_mesh, validate
 from internlm2_jax.tokenizer import Tokenizer
-from internlm2_jax.train.metrics_log import MetricsLog
 from internlm2_jax.train.optimizer import OptimizerConfig, lr_schedule, make_optimizer
 from internlm2_jax.train.runner import (  # noqa: F401  (NonFiniteLossError re-exported)
-    LoopConfig, NonFiniteLossError, initial_state, restore_or_init, run_loop)
-from internlm2_jax.train.step import StepConfig, Trainer
+    LoopConfig, NonFiniteLossError, initial_state, run_stage)
+from internlm2_jax.train.causal_lm import LOG_KEYS, StepConfig, causal_lm_trainer
+from internlm2_jax.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +84,17 @@ def train(
     m = make_mesh(mesh)
     validate(model, m, global_batch=input.global_batch_size, seq_len=input.seq_len)
     tok = resolve_tokenizer(tokenizer, input, model.vocab_size)
-    trainer = Trainer(model, make_optimizer(optimizer), m, step_config, lr_fn=lr_schedule(optimizer))
+    trainer = causal_lm_trainer(model, make_optimizer(optimizer), m, step_config, lr_fn=lr_schedule(optimizer))
     train_it = make_pretrain_iterator(input, tokenizer=tok, split="train")
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), checkpoint)
-
-    start, state = restore_or_init(trainer, ckpt, train_it, lambda: initial_state(trainer, init_from, seed))
-    metrics_log = MetricsLog(workdir, resume_step=start)
     meta = {"model": {k: str(v) for k, v in dataclasses.asdict(model).items()}, "seed": seed,
             "gin": gin.config_str()}
     loop_cfg = LoopConfig(num_steps=num_steps, log_every=log_every, eval_every=eval_every,
                           checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite,
-                          spike_factor=spike_factor, progress=progress, desc="pretrain")
-    state, last, stopped = run_loop(
-        trainer, state, start, train_it, ckpt, metrics_log, loop_cfg, meta=meta,
-        evaluate=lambda params: _evaluate(trainer, params, input, tok, m, eval_batches))
+                          spike_factor=spike_factor, progress=progress, desc="pretrain", log_keys=LOG_KEYS)
+    state, last, stopped = run_stage(
+        workdir, trainer.abstract_state(), lambda: initial_state(trainer, init_from, seed), trainer.step_host,
+        train_it, loop_cfg, checkpoint=checkpoint, meta=meta,
+        evaluate=lambda st: _evaluate(trainer, st.params, input, tok, m, eval_batches))
     if export_hf and not stopped:
         from internlm2_jax.hf_io import save_hf
 

@@ -9,7 +9,8 @@ from typing import Any
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step; on resume drops entries past the restored step."""
+    """Appends one JSON object per logged step; on resume drops entries past the restored step (all of them
+    when the run starts from scratch: they came from a run that left no checkpoint)."""
 
     def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
         os.makedirs(workdir, exist_ok=True)
@@ -26,7 +27,8 @@ class MetricsLog:
         if not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            keep = [line for line in f if resume_step > 0 and line.strip()
+                    and json.loads(line).get("step", 0) <= resume_step]
         with open(self.path, "w") as f:
             f.writelines(keep)
 

@@ -1,4 +1,9 @@
-"""The generic training loop shared by pretraining and SFT: steps, logs, eval, checkpoints, safety."""
+"""The one training loop of every stage: steps, logs, eval and other hooks, checkpoints, resume, safety.
+
+A stage gives a `step_fn(state, host_batch) -> (state, metrics)` whose metrics include `finite` and `skipped`
+(consecutive skipped updates); the loop owns cadences, exact resume (state + data iterators in one Orbax
+checkpoint), SIGTERM/SIGINT save-and-stop and the non-finite stop.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,13 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 
-from internlm2_jax.checkpointing import Checkpointer, load_parameters_only
-from internlm2_jax.sharding import host_local_to_global
+from internlm2_jax.checkpointing import CheckpointConfig, Checkpointer
 from internlm2_jax.train.metrics_log import MetricsLog
-from internlm2_jax.train.step import Trainer
+from internlm2_jax.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -54,29 +58,19 @@ class _StopFlag:
 
 
 def initial_state(trainer: Trainer, init_from: Optional[str], seed: int):
-    """Fresh params, or warm start from an HF folder / our Orbax checkpoint (params only)."""
+    """Fresh params, or a warm start from any `params_loading` source (HF folder, our Orbax workdir or
+    checkpoint dir, msgpack): params only, step 0 and a fresh optimizer state."""
     if init_from is None:
         return trainer.init_state(jax.random.key(seed))
-    if os.path.exists(os.path.join(init_from, "config.json")):
-        from internlm2_jax.hf_io import load_hf
+    from internlm2_jax.params_loading import load_policy
 
-        cfg, params = load_hf(init_from)
-        mismatch = {f.name for f in dataclasses.fields(cfg) if f.name not in ("dtype", "param_dtype", "scan_layers",
-                    "remat_policy", "attention_impl", "rope_theta", "rope_scaling", "max_position_embeddings")
-                    and getattr(cfg, f.name) != getattr(trainer.config, f.name)}
-        if mismatch:
-            raise ValueError(f"init_from={init_from}: HF config differs from the model config in {sorted(mismatch)}")
-        return trainer.state_from_params(params)
-    ckpt_dir = os.path.join(init_from, "checkpoints") if os.path.isdir(os.path.join(init_from, "checkpoints")) \
-        else init_from
-    params = load_parameters_only(ckpt_dir, trainer.abstract_state().params)
-    return trainer.state_from_params(params)
+    return trainer.state_from_params(load_policy(init_from, trainer.task.config, trainer.param_shardings))
 
 
-def restore_or_init(trainer: Any, ckpt: Checkpointer, data_iter: Any,
+def restore_or_init(abstract_state: Any, ckpt: Checkpointer, data_iter: Any,
                     init: Callable[[], Any]) -> tuple[int, Any]:
-    """`(start_step, state)`: the newest readable checkpoint (data iterator restored in place), else `init()`."""
-    restored = ckpt.restore(trainer.abstract_state(), data_iter=data_iter)
+    """`(start_step, state)`: the newest readable checkpoint (data iterators restored in place), else `init()`."""
+    restored = ckpt.restore(abstract_state, data_iter=data_iter)
     if restored is None:
         return 0, init()
     start, state, _ = restored
@@ -98,21 +92,33 @@ class LoopConfig:
     """A loss above this multiple of its running mean is logged as a spike."""
     progress: bool = True
     desc: str = "train"
+    log_keys: Optional[tuple[str, ...]] = None
+    """Metrics written at a log step (None: every scalar the step returns except `finite`)."""
+    nonfinite_advice: str = "The last checkpoint holds finite params; lower the lr or inspect the data near this step"
 
 
-def run_loop(trainer: Trainer, state: Any, start: int, train_it: Iterator[dict], ckpt: Checkpointer,
-             metrics_log: MetricsLog, cfg: LoopConfig, *, evaluate: Optional[Callable[[Any], dict]] = None,
-             meta: Optional[dict] = None) -> tuple[Any, dict, bool]:
-    """Runs steps `start..cfg.num_steps` on host-local batches from `train_it`.
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """`fn(step, state) -> metrics | None` run every `every` steps (and at the last); metrics are logged."""
 
-    Blocks on each step, logs every `log_every` steps (tokens/s, lr, ...), calls `evaluate(params)`
-    every `eval_every` (and once at step 0), checkpoints every `checkpoint_every` and at the end,
-    skips non-finite updates (stopping after `max_nonfinite` in a row), and on SIGTERM/SIGINT
-    saves and returns early. Returns `(state, last_logged_metrics, stopped_by_signal)`.
+    every: int
+    fn: Callable[[int, Any], Optional[dict]]
+
+
+def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, start: int, train_it: Iterator,
+             ckpt: Checkpointer, metrics_log: MetricsLog, cfg: LoopConfig, *,
+             evaluate: Optional[Callable[[Any], dict]] = None, meta: Optional[dict] = None,
+             hooks: Sequence[Hook] = (), extra_iters: Optional[dict[str, Any]] = None) -> tuple[Any, dict, bool]:
+    """Runs steps `start..cfg.num_steps` of `step_fn` on batches from `train_it`.
+
+    Blocks on each step, logs every `log_every` steps (tokens/s when the step reports `tokens`), calls
+    `evaluate(state)` every `eval_every` (and once at step 0), runs `hooks`, checkpoints every
+    `checkpoint_every` and at the end (state + `train_it` + `extra_iters`, e.g. PPO's pretraining data),
+    skips non-finite updates (stopping after `max_nonfinite` in a row), and on SIGTERM/SIGINT saves and returns
+    early. Returns `(state, last_logged_metrics, stopped_by_signal)`.
     """
-    m = trainer.mesh
     num_steps, log_every, eval_every = cfg.num_steps, cfg.log_every, cfg.eval_every
-    checkpoint_every, max_nonfinite, spike_factor = cfg.checkpoint_every, cfg.max_nonfinite, cfg.spike_factor
+    iters = {"": train_it, **(extra_iters or {})} if extra_iters else train_it
     stop = _StopFlag()
     bar = None
     if cfg.progress:
@@ -120,39 +126,45 @@ def run_loop(trainer: Trainer, state: Any, start: int, train_it: Iterator[dict],
 
         bar = tqdm(total=num_steps, initial=start, dynamic_ncols=True, desc=cfg.desc)
     if start == 0 and eval_every and evaluate is not None:
-        metrics_log.write(0, evaluate(state.params))
+        metrics_log.write(0, evaluate(state))
     ema, last, t0, tokens_seen = None, {}, time.perf_counter(), 0.0
     try:
         for step in range(start, num_steps):
-            batch = host_local_to_global(next(train_it), m)
-            state, metrics = trainer.step(state, batch)
+            state, metrics = step_fn(state, next(train_it))
             metrics = jax.device_get(metrics)  # blocks: one step in flight at a time
-            tokens_seen += float(metrics["tokens"])
+            tokens_seen += float(metrics.get("tokens", 0.0))
             done = step + 1
             if not metrics["finite"]:
-                report_skipped_step(done, int(metrics["skipped"]), max_nonfinite, "The last checkpoint holds finite "
-                                    "params; lower the lr or inspect the data near this step")
-            else:
+                report_skipped_step(done, int(metrics["skipped"]), cfg.max_nonfinite, cfg.nonfinite_advice)
+            elif "loss" in metrics:
                 loss = float(metrics["loss"])
-                if ema is not None and loss > spike_factor * ema:
+                if ema is not None and loss > cfg.spike_factor * ema:
                     log.warning("step %d: loss spike %.4f (running mean %.4f)", done, loss, ema)
                 ema = loss if ema is None else 0.98 * ema + 0.02 * loss
             if done % log_every == 0 or done == num_steps:
                 dt = time.perf_counter() - t0
-                last = {k: float(metrics[k]) for k in ("loss", "accuracy", "grad_norm", "lr", "tokens") if k in metrics}
-                last.update(tokens_per_s=tokens_seen / max(dt, 1e-9), skipped=int(metrics["skipped"]))
+                keys = cfg.log_keys or [k for k in metrics if k != "finite" and not isinstance(metrics[k], str)]
+                last = {k: float(metrics[k]) for k in keys if k in metrics}
+                if "tokens" in metrics:
+                    last["tokens_per_s"] = tokens_seen / max(dt, 1e-9)
+                last["skipped"] = int(metrics["skipped"])
                 if evaluate is not None and eval_every and (done % eval_every == 0 or done == num_steps):
-                    last.update(evaluate(state.params))
+                    last.update(evaluate(state))
                 metrics_log.write(done, last)
                 t0, tokens_seen = time.perf_counter(), 0.0
             elif evaluate is not None and eval_every and done % eval_every == 0:
-                metrics_log.write(done, evaluate(state.params))
+                metrics_log.write(done, evaluate(state))
+            for hook in hooks:
+                if done % hook.every == 0 or done == num_steps:
+                    out = hook.fn(done, state)
+                    if out:
+                        metrics_log.write(done, out)
             if bar is not None:
                 bar.update(1)
-                if last:
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            if done % checkpoint_every == 0 or done == num_steps or stop.requested:
-                ckpt.save(done, state, train_it, meta, force=True)
+                if "loss" in last:
+                    bar.set_postfix(loss=f"{last['loss']:.3f}")
+            if done % cfg.checkpoint_every == 0 or done == num_steps or stop.requested:
+                ckpt.save(done, state, iters, meta, force=True)
             if stop.requested:
                 ckpt.wait()
                 log.warning("stopped by signal after step %d; checkpoint saved", done)
@@ -164,3 +176,20 @@ def run_loop(trainer: Trainer, state: Any, start: int, train_it: Iterator[dict],
         if bar is not None:
             bar.close()
     return state, last, stop.requested
+
+
+def run_stage(workdir: str, abstract_state: Any, init: Callable[[], Any],
+              step_fn: Callable[[Any, Any], tuple[Any, dict]], train_it: Iterator, cfg: LoopConfig, *, checkpoint: CheckpointConfig = CheckpointConfig(),
+              evaluate: Optional[Callable[[Any], dict]] = None, meta: Optional[dict] = None,
+              hooks: Sequence[Hook] = (), extra_iters: Optional[dict[str, Any]] = None) -> tuple[Any, dict, bool]:
+    """Resume-or-start then `run_loop` in `workdir` (`checkpoints/`, `metrics.jsonl`): the whole life of a stage.
+
+    `abstract_state`: shapes/shardings of the state (restore target); `init()`: the fresh state when the workdir
+    holds no readable checkpoint. Rows of `metrics.jsonl` past the restored step are dropped, so a resumed run's
+    log equals the uninterrupted one's.
+    """
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), checkpoint)
+    iters = {"": train_it, **extra_iters} if extra_iters else train_it
+    start, state = restore_or_init(abstract_state, ckpt, iters, init)
+    return run_loop(step_fn, state, start, train_it, ckpt, MetricsLog(workdir, resume_step=start), cfg,
+                    evaluate=evaluate, meta=meta, hooks=hooks, extra_iters=extra_iters)

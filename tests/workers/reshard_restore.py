@@ -14,14 +14,14 @@ from internlm2_jax.checkpointing import CheckpointConfig, Checkpointer  # noqa: 
 from internlm2_jax.config import get_preset  # noqa: E402
 from internlm2_jax.sharding import MeshConfig, make_mesh, shard_shapes  # noqa: E402
 from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
-from internlm2_jax.train.step import StepConfig, Trainer  # noqa: E402
+from internlm2_jax.train.causal_lm import StepConfig, causal_lm_trainer  # noqa: E402
 
 cfg = get_preset("tiny", dtype="float32")
 tx = make_optimizer(OptimizerConfig(peak_lr=1e-2, warmup_steps=1))
 batch = {"tokens": np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 16)).astype(np.int32)}
 workdir = tempfile.mkdtemp() if len(sys.argv) < 2 else sys.argv[1]
 
-a = Trainer(cfg, tx, make_mesh(MeshConfig(data=8)), StepConfig(loss_chunk=8))
+a = causal_lm_trainer(cfg, tx, make_mesh(MeshConfig(data=8)), StepConfig(loss_chunk=8))
 state = a.init_state(jax.random.key(0))
 state, _ = a.step(state, batch)
 jax.block_until_ready(state)
@@ -30,7 +30,7 @@ ckpt = Checkpointer(workdir, CheckpointConfig(async_save=False))
 ckpt.save(1, state, meta={"note": "data=8"})
 ckpt.close()
 
-b = Trainer(cfg, tx, make_mesh(MeshConfig(data=1, fsdp=4, tensor=2)), StepConfig(loss_chunk=8))
+b = causal_lm_trainer(cfg, tx, make_mesh(MeshConfig(data=1, fsdp=4, tensor=2)), StepConfig(loss_chunk=8))
 ckpt = Checkpointer(workdir)
 step, restored, meta = ckpt.restore(b.abstract_state())
 ckpt.close()

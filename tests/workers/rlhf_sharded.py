@@ -10,10 +10,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from internlm2_jax.config import get_preset  # noqa: E402
-from internlm2_jax.rlhf.ppo_trainer import PPOConfig, PPOTrainer  # noqa: E402
+from internlm2_jax.rlhf.rl_trainer import RLConfig, RLTrainer  # noqa: E402
 from internlm2_jax.rlhf.preference_data import pack_pairs, tokenize_pairs  # noqa: E402
 from internlm2_jax.rlhf.reward_model import init_policy, init_reward_params  # noqa: E402
-from internlm2_jax.rlhf.rm_trainer import RMTrainer  # noqa: E402
+from internlm2_jax.rlhf.reward_task import RewardModelTask  # noqa: E402
 from internlm2_jax.rlhf.toy_tasks import (  # noqa: E402
     TOY_CONDITIONS,
     CharTokenizer,
@@ -21,6 +21,7 @@ from internlm2_jax.rlhf.toy_tasks import (  # noqa: E402
 )
 from internlm2_jax.sharding import MeshConfig, make_mesh, shard_shapes  # noqa: E402
 from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
+from internlm2_jax.train.trainer import Trainer  # noqa: E402
 
 assert jax.device_count() == 8
 TOK = CharTokenizer()
@@ -48,21 +49,21 @@ rm_batch = next(pack_pairs(pairs, token_budget=512, row_len=128, max_pairs=8, co
 results = {}
 for name, mc in {"single": MeshConfig(data=1), "d2f2t2": MeshConfig(data=2, fsdp=2, tensor=2)}.items():
     mesh = make_mesh(mc, jax.devices()[:1] if name == "single" else None)
-    tr = PPOTrainer(cfg, PPOConfig(logprob_chunk=8), actor, critic, lambda items, r: None, tx, tx, mesh=mesh)
+    tr = RLTrainer(cfg, RLConfig(logprob_chunk=8), actor, critic, lambda items, r: None, tx, tx, mesh=mesh)
     if name == "d2f2t2":
         a, c = shard_shapes(tr.state.actor), shard_shapes(tr.state.critic)
         assert a["layers"]["attention"]["wqkv"][1:3] == (64 // 2, 1), a["layers"]["attention"]["wqkv"]
         assert a["output"] == (64 // 2, cfg.vocab_size // 2), a["output"]
         assert c["v_head"] == (64 // 2, 1), c["v_head"]
-        assert shard_shapes(tr.state.ref)["output"] == a["output"]
+        assert shard_shapes(tr.ref)["output"] == a["output"]
         mu = [x for x in jax.tree.leaves(tr.state.actor_opt)
               if x.shape == tr.state.actor["output"].shape and x.addressable_shards[0].data.shape == a["output"]]
         assert mu, "optimizer moments are not sharded like the params"
     cm = jax.block_until_ready(tr.critic_update(batch))
     am = jax.block_until_ready(tr.actor_update(batch, pt, coefs))
-    rt = RMTrainer(cfg, tx, mesh)
-    params = rt.place(critic)
-    params, opt, rm = jax.block_until_ready(rt.step(params, rt.init_opt(params), rm_batch))
+    rt = Trainer(RewardModelTask(cfg), tx, mesh)
+    rm_state, rm = jax.block_until_ready(rt.step_host(rt.state_from_params(critic), rm_batch))
+    params = rm_state.params
     if name == "d2f2t2":
         assert shard_shapes(params)["v_head"] == (32, 1) and shard_shapes(params)["backbone"]["tok_embeddings"] == (
             cfg.vocab_size // 2, 32), shard_shapes(params)["backbone"]["tok_embeddings"]

@@ -11,7 +11,8 @@ import numpy as np  # noqa: E402
 from internlm2_jax.config import get_preset  # noqa: E402
 from internlm2_jax.sharding import MeshConfig, make_mesh, shard_shapes  # noqa: E402
 from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
-from internlm2_jax.train.step import StepConfig, Trainer, loss_and_grads, mesh_context  # noqa: E402
+from internlm2_jax.train.causal_lm import StepConfig, causal_lm_trainer, loss_and_grads
+from internlm2_jax.train.trainer import mesh_context  # noqa: E402
 
 assert jax.device_count() == 8
 cfg = get_preset("tiny", dtype="float32", num_key_value_heads=2, num_attention_heads=4, vocab_size=512)
@@ -31,7 +32,7 @@ meshes = {
 for name, mc in meshes.items():
     devices = jax.devices()[:1] if name == "single" else None
     mesh = make_mesh(mc, devices)
-    trainer = Trainer(cfg, tx, mesh, StepConfig(grad_accum=2, loss_chunk=8))
+    trainer = causal_lm_trainer(cfg, tx, mesh, StepConfig(grad_accum=2, loss_chunk=8))
     state = trainer.init_state(jax.random.key(0))
     shapes = shard_shapes(state.params)
     wqkv = shapes["layers"]["attention"]["wqkv"]  # [layers, embed, kv_heads, G+2, head_dim]
@@ -64,7 +65,7 @@ for name, mc in meshes.items():
 for mc, msg in [(MeshConfig(data=1, tensor=3), "but 8 are available"), (MeshConfig(data=2, tensor=4),
                                                                   "num_key_value_heads=2 is not divisible")]:
     try:
-        Trainer(cfg, tx, make_mesh(mc), StepConfig())
+        causal_lm_trainer(cfg, tx, make_mesh(mc), StepConfig())
     except ValueError as e:
         assert msg in str(e), str(e)
         print("error ok:", e)

@@ -23,7 +23,7 @@ from internlm2_jax import distributed
 from internlm2_jax.config import get_preset
 from internlm2_jax.sharding import MeshConfig, host_local_to_global, make_mesh
 from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
-from internlm2_jax.train.step import StepConfig, Trainer
+from internlm2_jax.train.causal_lm import StepConfig, causal_lm_trainer
 
 if who != "single":
     plan = distributed.initialize(f"127.0.0.1:{port}", 2, int(who), timeout_s=60)
@@ -40,7 +40,7 @@ rows = distributed.local_batch_slice(B)
 local = {k: v[rows] for k, v in batch.items()}
 assert local["tokens"].shape[0] == (B if who == "single" else B // 2)
 
-trainer = Trainer(cfg, make_optimizer(OptimizerConfig(peak_lr=1e-2, warmup_steps=1)), mesh,
+trainer = causal_lm_trainer(cfg, make_optimizer(OptimizerConfig(peak_lr=1e-2, warmup_steps=1)), mesh,
                   StepConfig(loss_chunk=8))
 state = trainer.init_state(jax.random.key(0))
 losses = []

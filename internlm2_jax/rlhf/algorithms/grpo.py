@@ -1,9 +1,14 @@
-"""GRPO pieces: group-normalized sequence advantages (no critic); the KL to the reference goes in the loss."""
+"""GRPO (Shao et al. 2024): group-normalized sequence advantages, no critic; the KL to the reference is a k3 term
+of the actor loss."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+
+from internlm2_jax.rlhf.algorithms import Algorithm, register
 
 
 def group_advantages(scores: jax.Array, group_size: int, eps: float = 1e-6) -> jax.Array:
@@ -19,3 +24,10 @@ def group_advantages(scores: jax.Array, group_size: int, eps: float = 1e-6) -> j
 def token_advantages(seq_adv: jax.Array, mask: jax.Array) -> jax.Array:
     """Broadcasts sequence advantages `[B]` to every action token `[B, T]`."""
     return seq_adv[:, None] * mask.astype(jnp.float32)
+
+
+def grpo_advantages(cfg: Any, scores: jax.Array, kl: jax.Array, stats: dict, mask: jax.Array) -> dict:
+    return {"advantages": token_advantages(group_advantages(scores, cfg.group_size), mask)}
+
+
+GRPO = register(Algorithm("grpo", grpo_advantages, grouped=True, kl_in_loss=True))
