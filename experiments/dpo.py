@@ -1,0 +1,135 @@
+"""DPO: `python -m experiments.dpo --gin experiments/configs/rlhf/dpo_tiny.gin`.
+
+Data: `toy:N` (generated a/b preference pairs under the `likes_a` rule, character tokenizer) or JSONL preference
+files (`{prompt, chosen, rejected}`, see `internlm2_jax.rlhf.preference_data`) with a sentencepiece `tokenizer`.
+`init_from`: the policy to start from (HF folder, Orbax workdir, msgpack; None: a fresh init for the toy), which is
+also the frozen reference unless `reference` says otherwise. The reference's log-probs are computed once and kept
+in `<workdir>/reference_logps.npz`; training runs in the one loop (checkpoints, exact resume, SIGTERM). Logs the
+held-out implicit-reward margin and accuracy at step 0, every `eval_every` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+import gin
+import grain
+import jax
+import numpy as np
+
+from internlm2_jax.checkpointing import CheckpointConfig
+from internlm2_jax.config import ModelConfig
+from internlm2_jax.params_loading import load_policy
+from internlm2_jax.rlhf.dpo import DPOTask, cache_reference, dpo_loss, encode_dpo_batch, sequence_logps
+from internlm2_jax.rlhf.preference_data import read_jsonl
+from internlm2_jax.rlhf.toy_tasks import CharTokenizer, toy_preference_records
+from internlm2_jax.sharding import MeshConfig, make_mesh
+from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
+from internlm2_jax.train.runner import LoopConfig, run_stage
+from internlm2_jax.train.trainer import Trainer, mesh_context
+
+_FIELDS = ("chosen", "rejected", "chosen_mask", "rejected_mask", "ref_chosen", "ref_rejected")
+
+
+def load_dpo_records(data: Sequence[str], tokenizer: Optional[str], seed: int) -> tuple[list[dict], Any]:
+    """(records, tokenizer): `toy:N` → the `likes_a` half of `toy_preference_records(2N)`; else JSONL files."""
+    if any(d.startswith("toy:") for d in data):
+        recs = [r for d in data for r in toy_preference_records(2 * int(d[4:]), seed=seed)
+                if r["condition"] == "likes_a"]
+        return recs, CharTokenizer()
+    if tokenizer is None:
+        raise ValueError("JSONL preference data needs train_dpo.tokenizer (a sentencepiece model path)")
+    from internlm2_jax.tokenizer import Tokenizer
+
+    return [r for path in data for r in read_jsonl(path)], Tokenizer(tokenizer)
+
+
+def _cached_batches(path: str, make: Any) -> list[dict[str, np.ndarray]]:
+    """The encoded batches with reference log-probs, from `path` if a previous (interrupted) run wrote it."""
+    if os.path.exists(path):
+        with np.load(path) as z:
+            n = int(z["num_batches"])
+            return [{k: z[f"{i}/{k}"] for k in _FIELDS} for i in range(n)]
+    batches = make()
+    if jax.process_index() == 0:
+        tmp = f"{path}.tmp.npz"
+        np.savez(tmp, num_batches=len(batches), **{f"{i}/{k}": b[k] for i, b in enumerate(batches) for k in _FIELDS})
+        os.replace(tmp, path)
+    return batches
+
+
+@gin.configurable
+def train_dpo(workdir: str, model: ModelConfig = gin.REQUIRED, data: Sequence[str] = ("toy:256",),
+              tokenizer: Optional[str] = None, init_from: Optional[str] = None, reference: Optional[str] = None,
+              beta: float = 0.1, label_smoothing: float = 0.0, seq_len: int = 64, batch_size: int = 16,
+              epochs: int = 1, eval_fraction: float = 0.125, eval_every: int = 0, checkpoint_every: int = 100,
+              optimizer: OptimizerConfig = OptimizerConfig(peak_lr=5e-7, warmup_steps=0, end_lr_ratio=0.0,
+                                                          weight_decay=0.0),
+              mesh: MeshConfig = MeshConfig(), checkpoint: CheckpointConfig = CheckpointConfig(), seed: int = 0,
+              progress: bool = False) -> dict[str, Any]:
+    """DPO for `epochs` over the training pairs in `workdir` (resuming if it holds checkpoints); returns the
+    last logged metrics with the final held-out `eval_reward_margin` / `eval_reward_accuracy`."""
+    os.makedirs(workdir, exist_ok=True)
+    records, tok = load_dpo_records(list(data), tokenizer, seed)
+    tok_pad = getattr(tok, "pad_id", 0)
+    n_eval = max(int(len(records) * eval_fraction), batch_size)
+    held_recs, train_recs = records[:n_eval], records[n_eval:]
+    m = make_mesh(mesh)
+    steps_per_epoch = len(train_recs) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_recs)} training pairs make no batch of batch_size={batch_size}")
+    tx = make_optimizer(dataclasses.replace(optimizer, total_steps=epochs * steps_per_epoch))
+    trainer = Trainer(DPOTask(model, beta, label_smoothing), tx, m, seed=seed)
+
+    def policy_from(path: Optional[str]) -> Any:
+        if path:
+            return load_policy(path, model, trainer.param_shardings)
+        return trainer.init_state(jax.random.key(seed)).params
+
+    def encode_all() -> list[dict[str, np.ndarray]]:
+        ref = policy_from(reference or init_from)
+        chunks = [train_recs[i * batch_size:(i + 1) * batch_size] for i in range(steps_per_epoch)]
+        chunks += [held_recs[i:i + batch_size] for i in range(0, len(held_recs) - batch_size + 1, batch_size)]
+        with mesh_context(m):
+            return cache_reference(model, ref, [encode_dpo_batch(c, tok, seq_len, tok_pad) for c in chunks])
+
+    batches = _cached_batches(os.path.join(workdir, "reference_logps.npz"), encode_all)
+    train, held = batches[:steps_per_epoch], batches[steps_per_epoch:]
+    score = jax.jit(lambda p, b: dpo_loss(sequence_logps(model, p, b["chosen"], b["chosen_mask"]),
+                                          sequence_logps(model, p, b["rejected"], b["rejected_mask"]),
+                                          b["ref_chosen"], b["ref_rejected"], beta=beta)[1])
+
+    def evaluate(state: Any) -> dict:
+        with mesh_context(m):
+            rows = [jax.device_get(score(state.params, b)) for b in held]
+        return {"eval_reward_margin": float(np.mean([r["reward_margin"] for r in rows])),
+                "eval_reward_accuracy": float(np.mean([r["reward_accuracy"] for r in rows])),
+                "eval_dpo_loss": float(np.mean([r["dpo_loss"] for r in rows]))}
+
+    num_steps = epochs * steps_per_epoch
+    loop_cfg = LoopConfig(num_steps=num_steps, log_every=1, eval_every=eval_every or num_steps,
+                          checkpoint_every=checkpoint_every, progress=progress, desc="dpo",
+                          nonfinite_advice="Lower the lr or inspect the preference data")
+    init = lambda: trainer.state_from_params(policy_from(init_from)) if init_from else trainer.init_state(  # noqa: E731
+        jax.random.key(seed))
+    state, last, stopped = run_stage(workdir, trainer.abstract_state(), init, trainer.step_host,
+                                     iter(grain.MapDataset.source(train).repeat(epochs)), loop_cfg,
+                                     checkpoint=checkpoint, evaluate=evaluate,
+                                     meta={"kind": "dpo", "gin": gin.config_str()})
+    return {**last, "steps": int(state.step), "stopped": stopped}
+
+
+def main(argv=None) -> int:
+    from experiments.cli import parse_args
+
+    args = parse_args(__doc__, default_gin="rlhf/dpo_tiny.gin", argv=argv)
+    print(json.dumps({"workdir": args.workdir, **train_dpo(args.workdir)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
