@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 
 from internlm2_jax import get_preset
-from internlm2_jax.rlhf.checkpoints import kind_of, load_policy, load_reward, save_orbax
 from internlm2_jax.rlhf.logprobs import chunked_token_logprobs, policy_logprobs, token_logprobs
+from internlm2_jax.params_loading import load_policy, load_reward, save_msgpack, save_params_orbax, source_kind
 from internlm2_jax.rlhf.mesh import actor_shardings, critic_shardings, default_mesh
-from internlm2_jax.rlhf.params_io import save_params
 from internlm2_jax.rlhf.preference_data import encode_for_reward
 from internlm2_jax.rlhf.prompts import default_reward_token_id, read_prompts, turn_end_ids
 from internlm2_jax.rlhf.reward_model import DEFAULT_CONDITIONS, init_policy, init_reward_params
@@ -62,7 +61,7 @@ def test_chunked_logprobs_match_full_logits():
 def test_checkpoint_sources_load_onto_mesh(tmp_path):
     from internlm2_jax.hf_io import save_hf
     from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
-    from internlm2_jax.train.step import Trainer
+    from internlm2_jax.train.causal_lm import causal_lm_trainer
 
     mesh = default_mesh()
     a_sh, c_sh = actor_shardings(CFG, mesh), critic_shardings(CFG, mesh)
@@ -70,27 +69,27 @@ def test_checkpoint_sources_load_onto_mesh(tmp_path):
     # A pretraining / SFT workdir: the runner's TrainState under <workdir>/checkpoints/<step>/state.
     from internlm2_jax.checkpointing import CheckpointConfig, Checkpointer
 
-    state = Trainer(CFG, tx, mesh).init_state(jax.random.key(3))
+    state = causal_lm_trainer(CFG, tx, mesh).init_state(jax.random.key(3))
     ck = Checkpointer(str(tmp_path / "sft" / "checkpoints"), CheckpointConfig(async_save=False))
     ck.save(7, state, force=True)
     ck.close()
-    assert kind_of(str(tmp_path / "sft")) == "orbax"
+    assert source_kind(str(tmp_path / "sft")) == "orbax"
     assert _same(load_policy(str(tmp_path / "sft"), CFG, a_sh), state.params)
     rm_from_sft = load_reward(str(tmp_path / "sft"), CFG, c_sh)  # policy source → fresh RM, zero head
     assert _same(rm_from_sft["backbone"]["layers"], state.params["layers"]) and not np.any(rm_from_sft["v_head"])
     # HF folder.
     save_hf(CFG, state.params, str(tmp_path / "hf"))
-    assert kind_of(str(tmp_path / "hf")) == "hf" and _same(load_policy(str(tmp_path / "hf"), CFG, a_sh), state.params)
+    assert source_kind(str(tmp_path / "hf")) == "hf" and _same(load_policy(str(tmp_path / "hf"), CFG, a_sh), state.params)
     # RM saved with Orbax and as msgpack: both read back as RMs (head kept).
     rm = init_reward_params(CFG, jax.random.key(4))
     rm["v_head"] = rm["v_head"] + 0.5
-    save_orbax(str(tmp_path / "rm"), 2, rm, meta={"kind": "reward_model"})
-    save_params(str(tmp_path / "rm.msgpack"), rm)
+    save_params_orbax(str(tmp_path / "rm"), 2, rm, meta={"kind": "reward_model"})
+    save_msgpack(str(tmp_path / "rm.msgpack"), rm)
     for src in (str(tmp_path / "rm"), str(tmp_path / "rm.msgpack")):
         got = load_reward(src, CFG, c_sh)
         assert _same(got, rm) and got["v_head"].sharding == c_sh["v_head"], src
     with pytest.raises(FileNotFoundError, match="not an HF folder"):
-        kind_of(str(tmp_path / "nothing"))
+        source_kind(str(tmp_path / "nothing"))
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +125,7 @@ def test_prompts_reward_token_and_rm_scoring_format(tmp_path, sp_tokenizer):
 def test_ppo_on_sentencepiece_prompts_from_hf_actor_and_orbax_rm(tmp_path, sp_tokenizer):
     from experiments.ppo import train_ppo
     from internlm2_jax.hf_io import save_hf
-    from internlm2_jax.rlhf.ppo_trainer import PPOConfig
+    from internlm2_jax.rlhf.rl_trainer import RLConfig
 
     tok = sp_tokenizer
     cfg = get_preset("tiny", dtype="float32", vocab_size=tok.vocab_size, num_hidden_layers=1)
@@ -134,19 +133,44 @@ def test_ppo_on_sentencepiece_prompts_from_hf_actor_and_orbax_rm(tmp_path, sp_to
     save_hf(cfg, actor, str(tmp_path / "sft_hf"))
     rm = init_reward_params(cfg, jax.random.key(1), backbone=actor)
     rm["v_head"] = jax.random.normal(jax.random.key(2), rm["v_head"].shape) * 0.1
-    save_orbax(str(tmp_path / "rm"), 1, rm)
+    save_params_orbax(str(tmp_path / "rm"), 1, rm)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": t[:30], "category": c}) + "\n"
                                for t, c in zip(TEXTS[:4], ("helpful", "math", "code", "harmless"))))
     out = train_ppo(str(tmp_path / "ppo"), model=cfg, iterations=1, actor_init=str(tmp_path / "sft_hf"),
                     reward="rm:" + str(tmp_path / "rm"), prompts=[str(prompts)], tokenizer=tok.path,
-                    ppo=PPOConfig(batch_size=4, max_prompt_len=64, max_new_tokens=4, critic_warmup_iters=0,
-                                  ptx_coef=0.0), actor_lr=1e-3, critic_lr=1e-3)
+                    ppo=RLConfig(batch_size=4, max_prompt_len=64, max_new_tokens=4, critic_warmup_iters=0,
+                                 ptx_coef=0.0), actor_lr=1e-3, critic_lr=1e-3)
     assert np.isfinite(out["final_reward"]) and out["final_reward"] != 0.0
     rows = [json.loads(line) for line in open(tmp_path / "ppo" / "rollouts.jsonl")]
     assert len(rows) == 4 and {r["category"] for r in rows} == {"helpful", "math", "code", "harmless"}
     saved = load_policy(str(tmp_path / "ppo"), cfg, actor_shardings(cfg, default_mesh()))
     assert not _same(saved, actor)  # the trained actor was written with Orbax and reads back
+
+
+def test_real_path_ppo_has_ptx_loss_and_clipping(tmp_path, sp_tokenizer):
+    """The report's recipe on the sentencepiece path: ptx batches from the pretraining input pipeline (non-zero
+    pretraining loss), and several PPO epochs × minibatches per rollout, so the ratio moves and clipping acts."""
+    from experiments.ppo import train_ppo
+    from internlm2_jax.input import InputConfig
+    from internlm2_jax.rlhf.rl_trainer import RLConfig
+    from internlm2_jax.train.metrics_log import read_metrics
+
+    tok = sp_tokenizer
+    cfg = get_preset("tiny", dtype="float32", vocab_size=tok.vocab_size, num_hidden_layers=1)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t[:30], "category": "helpful"}) + "\n" for t in TEXTS[:8]))
+    pretrain = InputConfig(sources={"web": f"jsonl:{corpus}"}, seq_len=48, global_batch_size=4, read_threads=0,
+                           prefetch_batches=0)
+    train_ppo(str(tmp_path / "ppo"), model=cfg, iterations=2, reward="target:e", prompts=[str(prompts)],
+              tokenizer=tok.path, pretrain_data=pretrain, actor_lr=1e-2, critic_lr=1e-3,
+              ppo=RLConfig(batch_size=4, max_prompt_len=64, max_new_tokens=6, critic_warmup_iters=0, ptx_coef=0.5,
+                           ppo_epochs=2, num_minibatches=2))
+    rows = read_metrics(str(tmp_path / "ppo"))
+    assert len(rows) == 2 and all(r["pretrain_loss"] > 0 for r in rows), rows
+    assert max(r["clip_frac"] for r in rows) > 0, rows
 
 
 def test_ppo_and_rm_steps_equal_on_a_sharded_mesh():
