@@ -1,7 +1,7 @@
 """PPO benchmark on a tiny config (CPU, < 2 min): `python -m experiments.bench_ppo`.
 
 Measures (after a warm-up iteration that compiles everything):
-  * rollout tokens/s of the KV-cache sampler (`internlm2_jax.sft.generate.generate`), and as a baseline in
+  * rollout tokens/s of the KV-cache sampler (`internlm2_jax.generate.generate`), and as a baseline in
     the same run, of naive generation without a cache (one full forward over the whole buffer per token);
   * the PPO iteration time breakdown: generation / scoring (reward + old log-probs, values, advantages) /
     training (critic + actor steps).
@@ -26,7 +26,7 @@ from internlm2_jax.rlhf.rl_trainer import RLConfig, RLTrainer
 from internlm2_jax.rlhf.reward_model import init_policy, init_reward_params
 from internlm2_jax.rlhf.rollout import make_prompt_items
 from internlm2_jax.rlhf.toy_tasks import TOY_CONDITIONS, CharTokenizer, target_token_reward, toy_prompts
-from internlm2_jax.sft.generate import generate, sample_logits
+from internlm2_jax.generate import generate, sample_logits
 from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
 
 BATCH, PROMPT_LEN, NEW_TOKENS, ITERS = 16, 32, 32, 3

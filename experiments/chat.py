@@ -33,7 +33,7 @@ def chat(config: Any, params: Any, tokenizer: Any, *, stdin: TextIO, stdout: Tex
          max_new_tokens: int, max_context: int, temperature: float, top_p: float, top_k: int,
          repetition_penalty: float, seed: int) -> None:
     """The read-eval-print loop; each reply is streamed to `stdout` as its tokens are sampled."""
-    from internlm2_jax.sft.generate import generate_stream
+    from internlm2_jax.generate import generate_stream
 
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)

@@ -29,7 +29,7 @@ from internlm2_jax.rlhf.preference_data import read_jsonl
 from internlm2_jax.rlhf.toy_tasks import CharTokenizer, toy_preference_records
 from internlm2_jax.sharding import MeshConfig, make_mesh
 from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
-from internlm2_jax.train.runner import LoopConfig, run_stage
+from internlm2_jax.train.loop import LoopConfig, run_stage
 from internlm2_jax.train.trainer import Trainer, mesh_context
 
 _FIELDS = ("chosen", "rejected", "chosen_mask", "rejected_mask", "ref_chosen", "ref_rejected")

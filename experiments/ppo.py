@@ -42,7 +42,7 @@ from internlm2_jax.rlhf.toy_tasks import TOY_CONDITIONS, target_token_reward, to
 from internlm2_jax.sharding import MeshConfig, make_mesh
 from internlm2_jax.train.metrics_log import read_metrics
 from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
-from internlm2_jax.train.runner import LoopConfig, run_stage
+from internlm2_jax.train.loop import LoopConfig, run_stage
 
 gin.external_configurable(RLConfig)
 

@@ -6,7 +6,7 @@ import json
 import sys
 
 from experiments.cli import parse_args
-from internlm2_jax.train.loop import NonFiniteLossError, train
+from internlm2_jax.train.pretraining import NonFiniteLossError, train
 
 
 def main(argv=None) -> int:

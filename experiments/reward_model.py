@@ -31,7 +31,7 @@ from internlm2_jax.rlhf.toy_tasks import TOY_CONDITIONS, CharTokenizer, toy_pref
 from internlm2_jax.sharding import MeshConfig, make_mesh
 from internlm2_jax.train.metrics_log import MetricsLog
 from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
-from internlm2_jax.train.runner import LoopConfig, run_stage
+from internlm2_jax.train.loop import LoopConfig, run_stage
 from internlm2_jax.train.trainer import Trainer
 
 

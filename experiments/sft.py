@@ -11,7 +11,7 @@ import sys
 
 from experiments.cli import parse_args
 from internlm2_jax.sft.train import sft_train
-from internlm2_jax.train.runner import NonFiniteLossError
+from internlm2_jax.train.loop import NonFiniteLossError
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,7 @@ import pytest
 from internlm2_jax import param_count
 from internlm2_jax.gin_setup import model_config, parse_gin
 from internlm2_jax.input import InputConfig
-from internlm2_jax.train import loop  # noqa: F401  (registers `train`)
+from internlm2_jax.train import pretraining  # noqa: F401  (registers `train`)
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 PRE = os.path.join(ROOT, "experiments", "configs", "pretrain")

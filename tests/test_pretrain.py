@@ -14,7 +14,7 @@ import pytest
 
 from internlm2_jax.checkpointing import Checkpointer
 from internlm2_jax.gin_setup import parse_gin
-from internlm2_jax.train.loop import NonFiniteLossError, train
+from internlm2_jax.train.pretraining import NonFiniteLossError, train
 from internlm2_jax.train.metrics_log import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(__file__))

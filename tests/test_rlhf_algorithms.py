@@ -55,8 +55,9 @@ def test_rloo_trains_the_tiny_task(seed):
     tr = RLTrainer(CFG, cfg, actor, None, lambda items, r: target_token_reward(r, target), tx,
                    stop_ids=TOK.stop_ids, seed=seed)
     items = make_prompt_items(toy_prompts(64, TOK), TOK, TOY_CONDITIONS)
-    rewards = [tr.iterate([items[(i * 4 + j) % len(items)] for j in range(4)])["reward"] for i in range(20)]
+    rewards = [tr.iterate([items[(i * 4 + j) % len(items)] for j in range(4)])["reward"] for i in range(28)]
     print("rloo reward curve", np.round(rewards, 3).tolist())
+    # seeds 0-4: first five <= 0.02, last five >= 0.75
     assert np.mean(rewards[:5]) < 0.05 and np.mean(rewards[-5:]) > 0.25, rewards
 
 

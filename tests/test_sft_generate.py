@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from internlm2_jax import forward, get_preset, init_params
-from internlm2_jax.sft.generate import generate, generate_stream, sample_logits
+from internlm2_jax.generate import generate, generate_stream, sample_logits
 
 CFG = get_preset("tiny", dtype="float32")
 
@@ -77,7 +77,7 @@ def test_top_p_and_repetition_penalty():
     draws = {int(sample_logits(logits, jax.random.key(i), temperature=1.0, top_p=0.7)[0]) for i in range(200)}
     assert draws == {0, 1}
     # A strong penalty on a repeated token changes the greedy choice.
-    from internlm2_jax.sft.generate import apply_repetition_penalty
+    from internlm2_jax.generate import apply_repetition_penalty
     pen = apply_repetition_penalty(logits + 5.0, jnp.asarray([[True, False, False, False]]), 10.0)
     assert int(jnp.argmax(pen[0])) == 1
     np.testing.assert_allclose(pen[0, 1:], (logits + 5.0)[0, 1:])

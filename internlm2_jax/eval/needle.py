@@ -21,7 +21,7 @@ import gin
 
 from internlm2_jax.chat_format import render_chat
 from internlm2_jax.eval.scoring import contains_value
-from internlm2_jax.sft.generate import generate
+from internlm2_jax.generate import generate
 from internlm2_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Any
 import gin
 
 from internlm2_jax.eval.scoring import exact_match
-from internlm2_jax.sft.generate import generate
+from internlm2_jax.generate import generate
 from internlm2_jax.tokenizer import Tokenizer
 
 SYSTEM = "Answer with the final answer only."

@@ -29,7 +29,7 @@ from internlm2_jax.rlhf.mesh import actor_shardings, critic_shardings, default_m
 from internlm2_jax.rlhf.ppo import kl_estimate
 from internlm2_jax.rlhf.rl_tasks import PT_PREFIX, ActorTask, CriticTask
 from internlm2_jax.rlhf.rollout import PromptItem, RewardFn, assemble, critic_layout, rollout_stats
-from internlm2_jax.sft.generate import generate
+from internlm2_jax.generate import generate
 from internlm2_jax.sharding import data_sharding, replicated
 from internlm2_jax.train.trainer import Trainer, mesh_context
 from internlm2_jax.train.update import TrainState
@@ -289,7 +289,7 @@ class RLTrainer:
                 "iteration": int(self.state.iteration)}
 
     def loop_step(self, items: Sequence[PromptItem]):
-        """`step_fn` for `internlm2_jax.train.runner.run_loop`: `(state, prompt_indices) -> (state, metrics)`."""
+        """`step_fn` for `internlm2_jax.train.loop.run_loop`: `(state, prompt_indices) -> (state, metrics)`."""
         def step(state: RLState, indices: np.ndarray) -> tuple[RLState, dict]:
             self.state = state
             m = self.iterate([items[int(i)] for i in indices])

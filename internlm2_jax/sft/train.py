@@ -25,14 +25,14 @@ from internlm2_jax.checkpointing import CheckpointConfig
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.sft.data import SFTDataConfig, eval_batch, eval_prompts, make_train_iterator, num_rows
 from internlm2_jax.sft.formats import Message, load_conversations, load_sft_examples, render_mask
-from internlm2_jax.sft.generate import generate
+from internlm2_jax.generate import generate
 from internlm2_jax.sft.lora import LoraConfig
 from internlm2_jax.sft.lora_trainer import LoraTrainer
 from internlm2_jax.sharding import MeshConfig, host_local_to_global, make_mesh, validate
 from internlm2_jax.tokenizer import Tokenizer
 from internlm2_jax.train.metrics_log import MetricsLog
 from internlm2_jax.train.optimizer import OptimizerConfig, lr_schedule, make_optimizer
-from internlm2_jax.train.runner import LoopConfig, initial_state, run_stage
+from internlm2_jax.train.loop import LoopConfig, initial_state, run_stage
 from internlm2_jax.train.causal_lm import LOG_KEYS, StepConfig, causal_lm_trainer
 from internlm2_jax.train.trainer import mesh_context
 

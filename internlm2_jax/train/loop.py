@@ -1,102 +1,195 @@
-"""The pretraining loop: data → sharded steps → logs, eval, checkpoints, preemption and NaN safety."""
+"""The one training loop of every stage: steps, logs, eval and other hooks, checkpoints, resume, safety.
+
+A stage gives a `step_fn(state, host_batch) -> (state, metrics)` whose metrics include `finite` and `skipped`
+(consecutive skipped updates); the loop owns cadences, exact resume (state + data iterators in one Orbax
+checkpoint), SIGTERM/SIGINT save-and-stop and the non-finite stop.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
-from typing import Any, Optional
+import signal
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
 
-import gin
 import jax
 
-from internlm2_jax.checkpointing import CheckpointConfig
-from internlm2_jax.config import ModelConfig
-from internlm2_jax.input import InputConfig, make_pretrain_iterator
-from internlm2_jax.sharding import MeshConfig, host_local_to_global, make_mesh, validate
-from internlm2_jax.tokenizer import Tokenizer
-from internlm2_jax.train.optimizer import OptimizerConfig, lr_schedule, make_optimizer
-from internlm2_jax.train.runner import (  # noqa: F401  (NonFiniteLossError re-exported)
-    LoopConfig, NonFiniteLossError, initial_state, run_stage)
-from internlm2_jax.train.causal_lm import LOG_KEYS, StepConfig, causal_lm_trainer
+from internlm2_jax.checkpointing import CheckpointConfig, Checkpointer
+from internlm2_jax.train.metrics_log import MetricsLog
 from internlm2_jax.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 
-def resolve_tokenizer(path: str, input_cfg: InputConfig, vocab_size: int) -> Tokenizer:
-    """`path` to a `.model`, or `"stdlib"`: train (once, cached) on the embedded stdlib corpus."""
-    if path == "stdlib":
-        from internlm2_jax.input.stdlib_corpus import build_stdlib_corpus, ensure_tokenizer
-
-        uri = next((u for u in input_cfg.sources.values() if u.startswith("stdlib:")), "stdlib:")
-        path = ensure_tokenizer(build_stdlib_corpus(uri[len("stdlib:"):] or None), vocab_size=vocab_size)
-    tok = Tokenizer(path)
-    tok.check_compatible(vocab_size)
-    return tok
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many consecutive non-finite steps."""
 
 
-def _evaluate(trainer: Trainer, params, input_cfg: InputConfig, tok: Tokenizer, mesh, num_batches: int) -> dict:
-    it = make_pretrain_iterator(input_cfg, tokenizer=tok, split="validation")
-    loss_sum, count, correct = 0.0, 0.0, 0.0
-    for _ in range(num_batches):
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
-        sums = jax.device_get(trainer.eval_loss(params, host_local_to_global(batch, mesh)))
-        loss_sum, count, correct = loss_sum + sums["loss_sum"], count + sums["count"], correct + sums["correct"]
-    mean = loss_sum / max(count, 1.0)
-    return {"eval_loss": float(mean), "eval_ppl": math.exp(min(float(mean), 50.0)),
-            "eval_accuracy": float(correct / max(count, 1.0))}
+def report_skipped_step(step: int, in_a_row: int, max_nonfinite: int, advice: str, what: str = "steps") -> None:
+    """Logs an update skipped for a non-finite loss or gradient; raises `NonFiniteLossError` once
+    `max_nonfinite` were skipped in a row (`advice` ends the error message)."""
+    log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step, in_a_row)
+    if in_a_row >= max_nonfinite:
+        raise NonFiniteLossError(
+            f"{max_nonfinite} consecutive non-finite {what} (last at step {step}); stopping. {advice}")
 
 
-@gin.configurable(denylist=["workdir"])
-def train(
-    workdir: str,
-    model: ModelConfig = gin.REQUIRED,
-    input: InputConfig = gin.REQUIRED,  # noqa: A002 - gin binding name
-    num_steps: int = gin.REQUIRED,
-    optimizer: OptimizerConfig = OptimizerConfig(),
-    mesh: MeshConfig = MeshConfig(),
-    step_config: StepConfig = StepConfig(),
-    checkpoint: CheckpointConfig = CheckpointConfig(),
-    tokenizer: str = "stdlib",
-    checkpoint_every: int = 1000,
-    eval_every: int = 1000,
-    eval_batches: int = 8,
-    log_every: int = 10,
-    seed: int = 0,
-    init_from: Optional[str] = None,
-    max_nonfinite: int = 5,
-    spike_factor: float = 2.0,
-    export_hf: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Pretrains `model` on `input` for `num_steps` steps in `workdir` (resuming if it holds checkpoints).
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop finishes the step, saves and exits cleanly."""
 
-    `init_from`: HF folder or a previous stage's workdir/checkpoints — params only, fresh optimizer
-    and step 0 (a new LR schedule); to continue a schedule, reuse the previous workdir instead.
-    Returns the last logged metrics.
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("received signal %d: finishing this step, saving and exiting", signum)
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def initial_state(trainer: Trainer, init_from: Optional[str], seed: int):
+    """Fresh params, or a warm start from any `params_loading` source (HF folder, our Orbax workdir or
+    checkpoint dir, msgpack): params only, step 0 and a fresh optimizer state."""
+    if init_from is None:
+        return trainer.init_state(jax.random.key(seed))
+    from internlm2_jax.params_loading import load_policy
+
+    return trainer.state_from_params(load_policy(init_from, trainer.task.config, trainer.param_shardings))
+
+
+def restore_or_init(abstract_state: Any, ckpt: Checkpointer, data_iter: Any,
+                    init: Callable[[], Any]) -> tuple[int, Any]:
+    """`(start_step, state)`: the newest readable checkpoint (data iterators restored in place), else `init()`."""
+    restored = ckpt.restore(abstract_state, data_iter=data_iter)
+    if restored is None:
+        return 0, init()
+    start, state, _ = restored
+    log.info("resumed from step %d in %s", start, ckpt.directory)
+    return start, state
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Cadences and safety limits of `run_loop`."""
+
+    num_steps: int
+    log_every: int = 10
+    eval_every: int = 1000
+    checkpoint_every: int = 1000
+    max_nonfinite: int = 5
+    """Consecutive skipped (non-finite) steps after which the run stops."""
+    spike_factor: float = 2.0
+    """A loss above this multiple of its running mean is logged as a spike."""
+    progress: bool = True
+    desc: str = "train"
+    log_keys: Optional[tuple[str, ...]] = None
+    """Metrics written at a log step (None: every scalar the step returns except `finite`)."""
+    nonfinite_advice: str = "The last checkpoint holds finite params; lower the lr or inspect the data near this step"
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """`fn(step, state) -> metrics | None` run every `every` steps (and at the last); metrics are logged."""
+
+    every: int
+    fn: Callable[[int, Any], Optional[dict]]
+
+
+def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, start: int, train_it: Iterator,
+             ckpt: Checkpointer, metrics_log: MetricsLog, cfg: LoopConfig, *,
+             evaluate: Optional[Callable[[Any], dict]] = None, meta: Optional[dict] = None,
+             hooks: Sequence[Hook] = (), extra_iters: Optional[dict[str, Any]] = None) -> tuple[Any, dict, bool]:
+    """Runs steps `start..cfg.num_steps` of `step_fn` on batches from `train_it`.
+
+    Blocks on each step, logs every `log_every` steps (tokens/s when the step reports `tokens`), calls
+    `evaluate(state)` every `eval_every` (and once at step 0), runs `hooks`, checkpoints every
+    `checkpoint_every` and at the end (state + `train_it` + `extra_iters`, e.g. PPO's pretraining data),
+    skips non-finite updates (stopping after `max_nonfinite` in a row), and on SIGTERM/SIGINT saves and returns
+    early. Returns `(state, last_logged_metrics, stopped_by_signal)`.
     """
-    os.makedirs(workdir, exist_ok=True)
-    m = make_mesh(mesh)
-    validate(model, m, global_batch=input.global_batch_size, seq_len=input.seq_len)
-    tok = resolve_tokenizer(tokenizer, input, model.vocab_size)
-    trainer = causal_lm_trainer(model, make_optimizer(optimizer), m, step_config, lr_fn=lr_schedule(optimizer))
-    train_it = make_pretrain_iterator(input, tokenizer=tok, split="train")
-    meta = {"model": {k: str(v) for k, v in dataclasses.asdict(model).items()}, "seed": seed,
-            "gin": gin.config_str()}
-    loop_cfg = LoopConfig(num_steps=num_steps, log_every=log_every, eval_every=eval_every,
-                          checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite,
-                          spike_factor=spike_factor, progress=progress, desc="pretrain", log_keys=LOG_KEYS)
-    state, last, stopped = run_stage(
-        workdir, trainer.abstract_state(), lambda: initial_state(trainer, init_from, seed), trainer.step_host,
-        train_it, loop_cfg, checkpoint=checkpoint, meta=meta,
-        evaluate=lambda st: _evaluate(trainer, st.params, input, tok, m, eval_batches))
-    if export_hf and not stopped:
-        from internlm2_jax.hf_io import save_hf
+    num_steps, log_every, eval_every = cfg.num_steps, cfg.log_every, cfg.eval_every
+    iters = {"": train_it, **(extra_iters or {})} if extra_iters else train_it
+    stop = _StopFlag()
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
 
-        save_hf(model, jax.device_get(state.params), os.path.join(workdir, "hf"))
-    return last
+        bar = tqdm(total=num_steps, initial=start, dynamic_ncols=True, desc=cfg.desc)
+    if start == 0 and eval_every and evaluate is not None:
+        metrics_log.write(0, evaluate(state))
+    ema, last, t0, tokens_seen = None, {}, time.perf_counter(), 0.0
+    try:
+        for step in range(start, num_steps):
+            state, metrics = step_fn(state, next(train_it))
+            metrics = jax.device_get(metrics)  # blocks: one step in flight at a time
+            tokens_seen += float(metrics.get("tokens", 0.0))
+            done = step + 1
+            if not metrics["finite"]:
+                report_skipped_step(done, int(metrics["skipped"]), cfg.max_nonfinite, cfg.nonfinite_advice)
+            elif "loss" in metrics:
+                loss = float(metrics["loss"])
+                if ema is not None and loss > cfg.spike_factor * ema:
+                    log.warning("step %d: loss spike %.4f (running mean %.4f)", done, loss, ema)
+                ema = loss if ema is None else 0.98 * ema + 0.02 * loss
+            if done % log_every == 0 or done == num_steps:
+                dt = time.perf_counter() - t0
+                keys = cfg.log_keys or [k for k in metrics if k != "finite" and not isinstance(metrics[k], str)]
+                last = {k: float(metrics[k]) for k in keys if k in metrics}
+                if "tokens" in metrics:
+                    last["tokens_per_s"] = tokens_seen / max(dt, 1e-9)
+                last["skipped"] = int(metrics["skipped"])
+                if evaluate is not None and eval_every and (done % eval_every == 0 or done == num_steps):
+                    last.update(evaluate(state))
+                metrics_log.write(done, last)
+                t0, tokens_seen = time.perf_counter(), 0.0
+            elif evaluate is not None and eval_every and done % eval_every == 0:
+                metrics_log.write(done, evaluate(state))
+            for hook in hooks:
+                if done % hook.every == 0 or done == num_steps:
+                    out = hook.fn(done, state)
+                    if out:
+                        metrics_log.write(done, out)
+            if bar is not None:
+                bar.update(1)
+                if "loss" in last:
+                    bar.set_postfix(loss=f"{last['loss']:.3f}")
+            if done % cfg.checkpoint_every == 0 or done == num_steps or stop.requested:
+                ckpt.save(done, state, iters, meta, force=True)
+            if stop.requested:
+                ckpt.wait()
+                log.warning("stopped by signal after step %d; checkpoint saved", done)
+                break
+    finally:
+        ckpt.close()
+        metrics_log.close()
+        stop.restore()
+        if bar is not None:
+            bar.close()
+    return state, last, stop.requested
+
+
+def run_stage(workdir: str, abstract_state: Any, init: Callable[[], Any],
+              step_fn: Callable[[Any, Any], tuple[Any, dict]], train_it: Iterator, cfg: LoopConfig, *, checkpoint: CheckpointConfig = CheckpointConfig(),
+              evaluate: Optional[Callable[[Any], dict]] = None, meta: Optional[dict] = None,
+              hooks: Sequence[Hook] = (), extra_iters: Optional[dict[str, Any]] = None) -> tuple[Any, dict, bool]:
+    """Resume-or-start then `run_loop` in `workdir` (`checkpoints/`, `metrics.jsonl`): the whole life of a stage.
+
+    `abstract_state`: shapes/shardings of the state (restore target); `init()`: the fresh state when the workdir
+    holds no readable checkpoint. Rows of `metrics.jsonl` past the restored step are dropped, so a resumed run's
+    log equals the uninterrupted one's.
+    """
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), checkpoint)
+    iters = {"": train_it, **extra_iters} if extra_iters else train_it
+    start, state = restore_or_init(abstract_state, ckpt, iters, init)
+    return run_loop(step_fn, state, start, train_it, ckpt, MetricsLog(workdir, resume_step=start), cfg,
+                    evaluate=evaluate, meta=meta, hooks=hooks, extra_iters=extra_iters)
