@@ -75,10 +75,6 @@ class DPOTask:
     grad_accum: int = 1
     name: str = "dpo"
 
-    @property
-    def weight_dtype(self) -> Any:
-        return self.config.weight_dtype
-
     def loss(self, params: Params, frozen: Any, batch: dict, rng: Optional[jax.Array]) -> tuple[jax.Array, dict]:
         pc = sequence_logps(self.config, params, batch["chosen"], batch["chosen_mask"])
         pr = sequence_logps(self.config, params, batch["rejected"], batch["rejected_mask"])

@@ -45,10 +45,6 @@ class RewardModelTask:
     barrier_weight: float = 0.02
     name: str = "reward_model"
 
-    @property
-    def weight_dtype(self) -> Any:
-        return self.config.weight_dtype
-
     def loss(self, params: Params, frozen: Any, batch: dict, rng: Optional[jax.Array]) -> tuple[jax.Array, dict]:
         rc, rr = batch_scores(self.config, params, batch)
         loss, metrics = reward_loss(rc, rr, batch["pair_mask"], gamma=self.gamma, barrier_weight=self.barrier_weight)

@@ -43,10 +43,6 @@ class ActorTask:
     temperature: float = 1.0
     name: str = "rl_actor"
 
-    @property
-    def weight_dtype(self) -> Any:
-        return self.config.weight_dtype
-
     def loss(self, actor: Params, frozen: Any, batch: dict, rng: Optional[jax.Array]) -> tuple[jax.Array, dict]:
         mask = batch["action_mask"]
         logp, entropy = policy_logprobs(self.config, actor, batch["tokens"], self.chunk, self.temperature)
@@ -69,10 +65,6 @@ class CriticTask:
     config: ModelConfig
     value_clip: float = 0.2
     name: str = "rl_critic"
-
-    @property
-    def weight_dtype(self) -> Any:
-        return self.config.weight_dtype
 
     def loss(self, critic: Params, frozen: Any, batch: dict, rng: Optional[jax.Array]) -> tuple[jax.Array, dict]:
         values = critic_values(self.config, critic, batch)

@@ -74,10 +74,6 @@ class CausalLM:
     def grad_accum(self) -> int:
         return self.step_cfg.grad_accum
 
-    @property
-    def weight_dtype(self) -> Any:
-        return self.config.weight_dtype
-
     def loss(self, params: Any, frozen: Any, batch: Batch, rng: Optional[jax.Array]) -> tuple[Any, dict]:
         total, sums = loss_fn(self.config, params, batch, self.step_cfg)
         return total, task_sums(sums)

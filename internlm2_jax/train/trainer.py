@@ -87,7 +87,8 @@ class Trainer:
 
     def state_from_params(self, params: Any) -> TrainState:
         """A fresh state (step 0, new optimizer state) around existing trainable params (warm start)."""
-        placed = place(params, self.state_shardings.params, getattr(self.task, "weight_dtype", None))
+        config = getattr(self.task, "config", None)  # the model's master-weight dtype, when the task has a model
+        placed = place(params, self.state_shardings.params, getattr(config, "weight_dtype", None))
         with mesh_context(self.mesh):
             return self._fresh(placed)
 
