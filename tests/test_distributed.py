@@ -58,6 +58,7 @@ def test_two_processes_match_single_process():
         assert _losses(out) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_ppo_iteration_on_two_processes_matches_one_process():
     """Rollout (generation replicated to every process), scoring, advantages, critic and actor minibatch updates with
     ptx batches fed half per process: the same metrics as one process holding the same 4-device mesh."""

@@ -86,7 +86,7 @@ def _final_state(workdir, step: int):
 
 
 @pytest.mark.parametrize("stage", [
-    "reward_model", "dpo", "ppo", pytest.param("grpo", marks=pytest.mark.slow),
+    "reward_model", "ppo", pytest.param("dpo", marks=pytest.mark.slow), pytest.param("grpo", marks=pytest.mark.slow),
     pytest.param("sft_lora", marks=pytest.mark.slow)])
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(stage, tmp_path):
     ref, work = tmp_path / "ref", tmp_path / "work"

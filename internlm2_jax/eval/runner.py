@@ -1,7 +1,8 @@
 """`evaluate(workdir)`: load a model + tokenizer, run the configured suites, write results.json and plots.
 
 Model sources (first that is set): `hf_path` (an HF InternLM2 folder, via `load_hf`), `checkpoint`
-(an Orbax pretraining/SFT workdir or its `checkpoints/` dir; needs `model`), else a fresh init of
+(any `params_loading` source: an Orbax workdir of any stage or its `checkpoints/` dir, an HF folder, a msgpack
+file; needs `model`), else a fresh init of
 `model` (smoke tests). Outputs in `workdir`:
 
     results.json     {"metadata": {...}, "suites": {name: result | {"error": ...}}, "plots": [...]}
@@ -58,10 +59,12 @@ def load_model(model: ModelConfig | None, hf_path: str | None, checkpoint: str |
     from internlm2_jax.model import init_params
 
     if checkpoint:
-        from internlm2_jax.params_loading import load_policy, single_device_abstract
+        from internlm2_jax.params_loading import load_policy, orbax_dir, single_device_abstract, source_kind
 
         shardings = jax.tree.map(lambda a: a.sharding, single_device_abstract(model))
-        return model, load_policy(checkpoint, model, shardings, checkpoint_step), f"checkpoint:{checkpoint}"
+        kind = source_kind(checkpoint)
+        where = orbax_dir(checkpoint) if kind == "orbax" else checkpoint
+        return model, load_policy(checkpoint, model, shardings, checkpoint_step), f"{kind}:{where}"
     return model, nn.meta.unbox(init_params(model, jax.random.key(seed))), f"init:seed={seed}"
 
 
