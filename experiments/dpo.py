@@ -24,7 +24,7 @@ import numpy as np
 from internlm2_jax.checkpointing import CheckpointConfig
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.params_loading import load_policy
-from internlm2_jax.rlhf.dpo import DPOTask, cache_reference, dpo_loss, encode_dpo_batch, sequence_logps
+from internlm2_jax.rlhf.dpo import DPOTask, cache_reference, encode_dpo_batch
 from internlm2_jax.rlhf.preference_data import read_jsonl
 from internlm2_jax.rlhf.toy_tasks import CharTokenizer, toy_preference_records
 from internlm2_jax.sharding import MeshConfig, make_mesh
@@ -99,13 +99,8 @@ def train_dpo(workdir: str, model: ModelConfig = gin.REQUIRED, data: Sequence[st
 
     batches = _cached_batches(os.path.join(workdir, "reference_logps.npz"), encode_all)
     train, held = batches[:steps_per_epoch], batches[steps_per_epoch:]
-    score = jax.jit(lambda p, b: dpo_loss(sequence_logps(model, p, b["chosen"], b["chosen_mask"]),
-                                          sequence_logps(model, p, b["rejected"], b["rejected_mask"]),
-                                          b["ref_chosen"], b["ref_rejected"], beta=beta)[1])
-
-    def evaluate(state: Any) -> dict:
-        with mesh_context(m):
-            rows = [jax.device_get(score(state.params, b)) for b in held]
+    def evaluate(state: Any) -> dict:  # the task's own loss metrics on the held-out batches, no gradients
+        rows = [jax.device_get(trainer.eval_loss(state.params, b)) for b in held]
         return {"eval_reward_margin": float(np.mean([r["reward_margin"] for r in rows])),
                 "eval_reward_accuracy": float(np.mean([r["reward_accuracy"] for r in rows])),
                 "eval_dpo_loss": float(np.mean([r["dpo_loss"] for r in rows]))}
