@@ -1,19 +1,43 @@
-"""Shared command line of the experiments: `--gin FILE` (repeatable), `--gin_param`, `--workdir`."""
+"""Shared command line of the experiments: `--gin FILE` (repeatable), `--gin_param`, `--workdir`; logging;
+and `run_main`, the one error path (one `error:` line and a documented exit code, `internlm2_jax.errors`)."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
+
+from internlm2_jax import errors
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+NOISY_LOGGERS = ("absl", "jax._src", "orbax", "grain", "etils", "tensorflow", "apache_beam", "urllib3", "httpx")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """INFO lines of this project to stderr (resumes, checkpoint saves); libraries at WARNING.
+
+    Called after the heavy imports: absl/orbax install a root handler on import, so `force=True` replaces it
+    (otherwise our INFO lines vanish).
+    """
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def apply_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
+    """Parses gin files + bindings and validates numeric bindings; raises `GinConfigError` (one line)."""
+    from internlm2_jax.gin_setup import parse_gin, validate_bindings
+
+    parse_gin(files, bindings)
+    validate_bindings()
 
 
 def parse_args(description: str, default_gin: Optional[str] = None,
                argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parses the common flags and applies the gin config; exits with one clear line on bad config."""
+    """Parses the common flags and applies the gin config (errors reach `run_main` as one line)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--gin", action="append", default=[], help="gin config file (repeatable)")
     p.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. 'train.num_steps=10'")
@@ -27,17 +51,42 @@ def parse_args(description: str, default_gin: Optional[str] = None,
         folder = os.path.basename(os.path.dirname(os.path.abspath(args.gin[-1])))
         stem = os.path.splitext(os.path.basename(args.gin[-1]))[0]
         args.workdir = os.path.join("runs", stem if folder in ("", "configs") else f"{folder}_{stem}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax", "grain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from internlm2_jax.gin_setup import GinConfigError, parse_gin
-
-    try:
-        parse_gin(args.gin, args.gin_param)
-    except GinConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    setup_logging()
+    apply_gin(args.gin, args.gin_param)
     from internlm2_jax import distributed
 
     distributed.initialize()  # multi-host (env / SLURM / TPU pod); a no-op for one process
     return args
+
+
+def say(line: str) -> None:
+    """A human summary line (stderr, so stdout stays the JSON summary for scripts)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def run_main(main: Callable[[], Optional[int]]) -> int:
+    """Runs an entry point's `main`; maps outcomes to exit codes (`internlm2_jax.errors`):
+
+    a `UserFacingError` → one `error: ...` line and its code; disk full → one line, exit 6; a training loop
+    stopped by SIGTERM/SIGINT → "stopped at step N — run the same command to resume", exit 143/130.
+    """
+    from internlm2_jax.train import outcome
+
+    outcome.reset()
+    try:
+        code = main() or 0
+    except errors.UserFacingError as e:
+        say(f"error: {e}")
+        return e.exit_code
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        say(f"error: disk full writing {e.filename or 'outputs'} ({e.strerror}); the previous checkpoint is "
+            "intact: free space and run the same command to resume")
+        return errors.EXIT_DISK
+    last = outcome.last()
+    if last is not None:
+        say(last.summary())
+        if code == 0 and last.status == "stopped":
+            return errors.EXIT_SIGINT if last.signal == 2 else errors.EXIT_SIGTERM
+    return code

@@ -28,13 +28,15 @@ from typing import Any, Literal
 
 import numpy as np
 
+from internlm2_jax.errors import InputDataError
+
 log = logging.getLogger(__name__)
 
 OnError = Literal["raise", "skip"]
 _PARAGRAPH_SEP = re.compile(rb"\n[ \t\r\f\v]*\n")
 
 
-class BadRecordError(ValueError):
+class BadRecordError(InputDataError):
     """A record that cannot be decoded; the message names the file and line / record index."""
 
 

@@ -29,13 +29,14 @@ import re
 from typing import Any, Optional, Sequence
 
 from internlm2_jax.chat_format import CHAT_ROLES, TOOL_NAMES, header_name
+from internlm2_jax.errors import InputDataError
 from internlm2_jax.tokenizer import Tokenizer
 
 Message = dict[str, Any]
 FORMATS = ("openai", "alpaca", "sharegpt", "chatml")
 
 
-class FormatError(ValueError):
+class FormatError(InputDataError):
     """A conversation record that cannot be converted (message names the file and line when known)."""
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 
+from internlm2_jax.errors import EXIT_NONFINITE, UserFacingError
 from internlm2_jax.checkpointing import CheckpointConfig, Checkpointer
 from internlm2_jax.train.metrics_log import MetricsLog
 from internlm2_jax.train.trainer import Trainer
@@ -23,8 +24,10 @@ from internlm2_jax.train.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised after too many consecutive non-finite steps."""
+class NonFiniteLossError(UserFacingError, RuntimeError):
+    """Raised after too many consecutive non-finite steps (exit code 3)."""
+
+    exit_code = EXIT_NONFINITE
 
 
 def report_skipped_step(step: int, in_a_row: int, max_nonfinite: int, advice: str, what: str = "steps") -> None:
