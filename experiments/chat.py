@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence, TextIO
 
+from experiments.cli import entry_point
 import jax
 
 
@@ -77,6 +78,7 @@ def chat(config: Any, params: Any, tokenizer: Any, *, stdin: TextIO, stdout: Tex
         messages.append({"role": "assistant", "content": reply})
 
 
+@entry_point
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)

@@ -90,3 +90,13 @@ def run_main(main: Callable[[], Optional[int]]) -> int:
         if code == 0 and last.status == "stopped":
             return errors.EXIT_SIGINT if last.signal == 2 else errors.EXIT_SIGTERM
     return code
+
+
+def entry_point(main: Callable[..., Optional[int]]) -> Callable[..., int]:
+    """Decorates an entry point's `main(argv=None)` with `run_main` (one error line, exit codes)."""
+
+    def wrapped(argv: Optional[Sequence[str]] = None) -> int:
+        return run_main(lambda: main(argv))
+
+    wrapped.__doc__, wrapped.__name__ = main.__doc__, main.__name__
+    return wrapped

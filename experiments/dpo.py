@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 
 import gin
 import grain
+from experiments.cli import entry_point
 import jax
 import numpy as np
 
@@ -118,6 +119,7 @@ def train_dpo(workdir: str, model: ModelConfig = gin.REQUIRED, data: Sequence[st
     return {**last, "steps": int(state.step), "stopped": stopped}
 
 
+@entry_point
 def main(argv=None) -> int:
     from experiments.cli import parse_args
 

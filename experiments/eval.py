@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import sys
 
-from experiments.cli import parse_args
+from experiments.cli import entry_point, parse_args
 from internlm2_jax.eval.runner import (
     evaluate,  # registers evaluate + the suites with gin before parsing
 )
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parse_args(__doc__, default_gin="eval/tiny.gin", argv=argv)
     results = evaluate(args.workdir)

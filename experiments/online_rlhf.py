@@ -17,6 +17,7 @@ import gin
 
 from experiments.ppo import train_ppo
 from experiments.reward_model import train_rm
+from experiments.cli import entry_point
 from internlm2_jax.rlhf.online import RoundHooks, RuleChecks, run_rounds
 
 
@@ -41,6 +42,7 @@ def online_rounds(workdir: str, base_data: Sequence[str] = ("toy:256",), rounds:
                       max_pairs=max_pairs)
 
 
+@entry_point
 def main(argv=None) -> int:
     from experiments.cli import parse_args
 

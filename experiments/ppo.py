@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 
 import gin
 import grain
+from experiments.cli import entry_point
 import jax
 import numpy as np
 
@@ -145,6 +146,7 @@ def train_ppo(workdir: str, model: ModelConfig = gin.REQUIRED, ppo: RLConfig = R
     return {"final_reward": last["reward"], "final_kl": last["kl"], "iterations": iterations}
 
 
+@entry_point
 def main(argv=None) -> int:
     from experiments.cli import parse_args
 

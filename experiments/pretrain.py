@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 import sys
 
-from experiments.cli import parse_args
-from internlm2_jax.train.pretraining import NonFiniteLossError, train
+from experiments.cli import entry_point, parse_args
+from internlm2_jax.train.pretraining import train
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parse_args(__doc__, default_gin="pretrain/tiny.gin", argv=argv)
-    try:
-        last = train(args.workdir)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    last = train(args.workdir)
     print(json.dumps({"workdir": args.workdir, **last}))
     return 0
 

@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 
 import gin
 import grain
+from experiments.cli import entry_point
 import jax
 
 from internlm2_jax.config import ModelConfig
@@ -104,6 +105,7 @@ def train_rm(workdir: str, model: ModelConfig = gin.REQUIRED, data: Sequence[str
     return result
 
 
+@entry_point
 def main(argv=None) -> int:
     from experiments.cli import parse_args
 

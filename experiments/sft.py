@@ -9,21 +9,17 @@ import argparse
 import json
 import sys
 
-from experiments.cli import parse_args
+from experiments.cli import entry_point, parse_args
 from internlm2_jax.sft.train import sft_train
-from internlm2_jax.train.loop import NonFiniteLossError
 
 
+@entry_point
 def main(argv=None) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--show_mask", type=int, default=0, help="print N samples with masked spans and exit")
     extra, rest = pre.parse_known_args(argv)
     args = parse_args(__doc__, default_gin="sft/tiny.gin", argv=rest)
-    try:
-        last = sft_train(args.workdir, show_mask=extra.show_mask)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    last = sft_train(args.workdir, show_mask=extra.show_mask)
     if not extra.show_mask:
         print(json.dumps({"workdir": args.workdir, **last}))
     return 0
