@@ -76,7 +76,7 @@ def run_main(main: Callable[[], Optional[int]]) -> int:
     try:
         code = main() or 0
     except errors.UserFacingError as e:
-        say(f"error: {e}")
+        say(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")  # gin appends "In call to ..."
         return e.exit_code
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):

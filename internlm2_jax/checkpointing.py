@@ -1,8 +1,9 @@
-"""Orbax checkpoints: train state + data-iterator state + run metadata, with corrupt-fallback."""
+"""Orbax checkpoints: train state + data-iterator state + run metadata (with checksums), verified restore."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -10,6 +11,10 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+from internlm2_jax.checkpoint_integrity import integrity_meta, structure_diff, verify
+from internlm2_jax.config import CONFIG_FIELDS_NOT_CHECKED
+from internlm2_jax.errors import CheckpointCorruptError, CheckpointMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +40,11 @@ def _iterators(data_iter: Any) -> dict[str, Any]:
 
 
 class Checkpointer:
-    """`CheckpointManager` over items `state` (sharded arrays), `data` (grain iterator), `meta` (JSON)."""
+    """`CheckpointManager` over items `state` (sharded arrays), `data` (grain iterator), `meta` (JSON).
+
+    Every save stores per-array checksums in `meta`; `restore` verifies them and the values, falls back to the
+    newest usable checkpoint with one warning line, and never renames or deletes anything while reading.
+    """
 
     def __init__(self, directory: str, cfg: CheckpointConfig = CheckpointConfig()):
         self.directory = os.path.abspath(directory)
@@ -43,6 +52,8 @@ class Checkpointer:
             max_to_keep=cfg.keep_last, keep_period=cfg.keep_every,
             enable_async_checkpointing=cfg.async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.unusable: dict[int, str] = {}
+        """Steps `restore` skipped, and why; set aside only when this run saves the same step again."""
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -50,53 +61,102 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_iter: Any = None, meta: Optional[dict] = None,
              force: bool = False) -> None:
         """Saves (asynchronously unless disabled); `data_iter` is a grain iterator or a dict of them (restored in
-        place by `restore`); `meta` is any JSON-able dict (config, RNG seed...)."""
-        args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
+        place by `restore`); `meta` is any JSON-able dict (config, RNG seed...), stored with the state's checksums.
+        """
+        meta = {**(meta or {}), "integrity": integrity_meta(state)}
+        args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iter is not None:
             import grain
             for name, it in _iterators(data_iter).items():
                 args[name] = grain.checkpoint.CheckpointSave(it)
+        if step in self.unusable:
+            self._set_aside(step)
         self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        log.info("checkpoint step %d saved to %s", step, self.directory)
 
     def wait(self) -> None:
         """Blocks until pending async saves are committed."""
         self.manager.wait_until_finished()
 
-    def restore(self, abstract_state: Any, data_iter: Any = None,
-                step: Optional[int] = None) -> Optional[tuple[int, Any, dict]]:
-        """Restores the newest readable checkpoint (or `step`) onto `abstract_state`'s shardings.
+    def read_meta(self, step: int) -> dict:
+        """The JSON `meta` of checkpoint `step` (read without touching the arrays)."""
+        with open(os.path.join(self.directory, str(step), "meta", "metadata")) as f:
+            return dict(json.load(f) or {})
 
-        A checkpoint that fails to read (partial or corrupt) is skipped with a warning and the one
-        before it is used. Returns `(step, state, meta)` or None when there is none.
+    def restore(self, abstract_state: Any, data_iter: Any = None, step: Optional[int] = None,
+                expect_model: Optional[dict] = None) -> Optional[tuple[int, Any, dict]]:
+        """Restores the newest usable checkpoint (or `step`) onto `abstract_state`'s shardings.
+
+        A checkpoint that fails to read, or whose arrays fail their checksums or hold non-finite/absurd values,
+        is skipped with one warning line and the one before it is tried (nothing is renamed). A checkpoint of
+        another state structure (shapes) or model (`expect_model`, the `meta["model"]` a run writes) raises
+        `CheckpointMismatchError`. With no usable checkpoint the data iterators are reset to where they were
+        (the start) and None is returned. Returns `(step, state, meta)`.
         """
         steps = [step] if step is not None else list(reversed(self.all_steps()))
+        iters = _iterators(data_iter) if data_iter is not None else {}
+        start_positions = {k: it.get_state() for k, it in iters.items() if hasattr(it, "get_state")}
         for s in steps:
+            try:
+                saved_meta, saved_tree = self.read_meta(s), state_tree(self.directory, s)
+            except Exception as e:  # noqa: BLE001 - unreadable metadata means an unusable checkpoint
+                self._unusable(s, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", step)
+                continue
+            self._check_matches(s, saved_tree, saved_meta, abstract_state, expect_model)
             args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-            if data_iter is not None:
+            if iters:
                 import grain
-                for name, it in _iterators(data_iter).items():
+                for name, it in iters.items():
                     args[name] = grain.checkpoint.CheckpointRestore(it)
             try:
                 out = self.manager.restore(s, args=ocp.args.Composite(**args))
             except Exception as e:  # noqa: BLE001 - any read failure means "unusable checkpoint"
-                if step is not None:
-                    raise
-                aside = self._set_aside(s)
-                log.warning("checkpoint step %d in %s is unreadable (%s: %s); moved to %s, falling back to the "
-                            "previous one", s, self.directory, type(e).__name__, str(e).splitlines()[0][:200], aside)
+                self._unusable(s, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", step)
+                continue
+            why = verify(out["state"], saved_meta.get("integrity"))
+            if why:
+                self._unusable(s, why, step)
                 continue
             return s, out["state"], dict(out["meta"] or {})
+        for name, position in start_positions.items():
+            iters[name].set_state(position)
         if steps and step is None:
-            log.warning("no readable checkpoint in %s; starting from scratch", self.directory)
+            log.warning("no usable checkpoint in %s (unusable steps: %s); starting from scratch at the first "
+                        "batch; the unusable ones stay on disk", self.directory, sorted(self.unusable))
         return None
 
+    def _unusable(self, s: int, why: str, requested: Optional[int]) -> None:
+        if requested is not None:
+            raise CheckpointCorruptError(f"{self.directory}/{s}: unusable checkpoint ({why})")
+        self.unusable[s] = why
+        log.warning("checkpoint step %d in %s is unusable (%s); falling back to the previous one",
+                    s, self.directory, why)
+
+    def _check_matches(self, s: int, saved_tree: dict, saved_meta: dict, abstract_state: Any,
+                       expect_model: Optional[dict]) -> None:
+        """Raises `CheckpointMismatchError` (touching nothing) when checkpoint `s` belongs to another config."""
+        saved_model = saved_meta.get("model")
+        lines = [f"model.{k}: checkpoint {saved_model.get(k)} vs this run's {v}" for k, v in expect_model.items()
+                 if k not in CONFIG_FIELDS_NOT_CHECKED and k in saved_model and saved_model[k] != v
+                 ] if expect_model and isinstance(saved_model, dict) else []
+        lines += structure_diff(saved_tree, abstract_state, limit=1 if lines else 4)
+        if lines:
+            raise CheckpointMismatchError(
+                f"{self.directory}/{s} was written by a run with another config ({'; '.join(lines)}). Nothing on "
+                "disk was changed: use a new --workdir for the new config, or restore the original config to "
+                "resume")
+
     def _set_aside(self, step: int) -> str:
-        """Renames an unreadable step dir (kept for inspection) so a later save can reuse the step."""
+        """Renames the unusable step dir that this run is about to save again (kept for inspection, never
+        deleted)."""
         src = os.path.join(self.directory, str(step))
-        dst = f"{src}.unreadable-{int(time.time())}"
+        dst = f"{src}.unusable-{int(time.time())}"
         if jax.process_index() == 0 and os.path.exists(src):
             os.replace(src, dst)
+            log.warning("unusable checkpoint step %d (%s) moved to %s to save this run's step %d",
+                        step, self.unusable[step], dst, step)
         self.manager.reload()
+        del self.unusable[step]
         return dst
 
     def close(self) -> None:
@@ -140,4 +200,11 @@ def load_parameters_only(directory: str, abstract_params: Any, step: Optional[in
     ckpt.close()
     for k in subtree:
         restored = restored[k]
+    try:
+        integrity = ckpt.read_meta(s).get("integrity")
+    except (OSError, ValueError):
+        integrity = None
+    why = verify(restored, integrity, prefix="".join(f"{k}/" for k in subtree))
+    if why:
+        raise CheckpointCorruptError(f"{ckpt.directory}/{s}: unusable checkpoint ({why})")
     return restored

@@ -26,6 +26,12 @@ REMAT_POLICIES = (
 )
 
 
+CONFIG_FIELDS_NOT_CHECKED = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
+                             "max_position_embeddings", "rope_theta", "rope_scaling")
+"""Fields a checkpoint may legitimately differ in from the run's model config: compute choices, and the
+context-length settings a long-context stage changes on purpose (RoPE base / scaling, max positions)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of an InternLM2 decoder.

@@ -50,13 +50,14 @@ class WorkdirBusyError(UserFacingError):
     exit_code = EXIT_WORKDIR_BUSY
 
 
-class CheckpointMismatchError(UserFacingError):
+class CheckpointMismatchError(UserFacingError, ValueError):
     """The workdir's checkpoints were written with another config or state structure; nothing on disk is touched."""
 
     exit_code = EXIT_CHECKPOINT
 
 
-class CorruptParamsError(UserFacingError):
-    """Loaded weights are non-finite or absurdly large (a corrupt file); the message names the tensor."""
+class CheckpointCorruptError(UserFacingError, ValueError):
+    """A checkpoint file that cannot be read, or weights that are non-finite or absurdly large; the message
+    names the file and tensor."""
 
     exit_code = EXIT_CHECKPOINT

@@ -14,6 +14,8 @@ import math
 import os
 from typing import Any, Optional
 
+from internlm2_jax.errors import ConfigValueError
+
 ROPE_SCALING_TYPES = ("dynamic", "linear")
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 # InternLM2Config's defaults for keys a config.json may omit.
@@ -24,7 +26,7 @@ _INT_KEYS = REQUIRED_KEYS + ("num_key_value_heads", "max_position_embeddings", "
 _FLOAT_KEYS = ("rms_norm_eps", "initializer_range")
 
 
-class HFConfigError(ValueError):
+class HFConfigError(ConfigValueError):
     """A `config.json` that cannot describe an InternLM2 model (the message names the file and key)."""
 
 

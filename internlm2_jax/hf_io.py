@@ -15,6 +15,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from internlm2_jax.checkpoint_integrity import ABSURD_MAGNITUDE
+from internlm2_jax.errors import CheckpointCorruptError, CheckpointMismatchError  # noqa: F401 (re-exported)
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.hf_config import checkpoint_dtype, read_hf_config, rope_to_hf
 from internlm2_jax.model import Params, abstract_params
@@ -22,10 +24,6 @@ from internlm2_jax.model import Params, abstract_params
 Tensors = dict[str, np.ndarray]
 _LAYER_KEYS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
                "attention_norm", "ffn_norm")
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint's tensors do not match the model config (missing, extra or misshaped)."""
 
 
 def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -134,10 +132,6 @@ def box_like(config: ModelConfig, plain: dict) -> Params:
 
 # ---- reading checkpoints ---------------------------------------------------------------------------
 
-class CheckpointCorruptError(ValueError):
-    """A checkpoint file that cannot be read, or a tensor holding NaN/inf (the message names file and tensor)."""
-
-
 class _TensorReader:
     """Lazily reads tensors from `*.safetensors` (index-sharded or single) or `pytorch_model*.bin`."""
 
@@ -228,6 +222,9 @@ class _TensorReader:
             bad = int(x.size - np.isfinite(x).sum())
             raise CheckpointCorruptError(f"{self.file_of(name)}: tensor {name} has {bad} non-finite values "
                                          f"(NaN/inf) of {x.size}")
+        if check_finite and x.size and float(np.max(np.abs(x.astype(np.float32)))) > ABSURD_MAGNITUDE:
+            raise CheckpointCorruptError(f"{self.file_of(name)}: tensor {name} holds absurd values (max |x| = "
+                                         f"{float(np.max(np.abs(x.astype(np.float32)))):.3g}); a corrupt file?")
         return x.astype(dtype, copy=False)
 
 

@@ -23,24 +23,19 @@ import numpy as np
 from flax import serialization
 
 from internlm2_jax.checkpointing import CheckpointConfig, Checkpointer, load_parameters_only, state_tree
-from internlm2_jax.config import ModelConfig
+from internlm2_jax.config import CONFIG_FIELDS_NOT_CHECKED, ModelConfig
+from internlm2_jax.errors import CheckpointMismatchError
 from internlm2_jax.model import abstract_params
 
 Params = Any
 
-CONFIG_FIELDS_NOT_CHECKED = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
-                             "max_position_embeddings", "rope_theta", "rope_scaling")
-"""Fields a checkpoint may legitimately differ in from the run's model config: compute choices, and the
-context-length settings a long-context stage changes on purpose (RoPE base / scaling, max positions)."""
-
-
 def check_config(source: ModelConfig, config: ModelConfig, path: str) -> None:
-    """Raises a `ValueError` naming `path` and the fields when the checkpoint's architecture differs."""
+    """Raises `CheckpointMismatchError` naming `path` and the fields when the checkpoint's architecture differs."""
     bad = sorted(f.name for f in dataclasses.fields(source) if f.name not in CONFIG_FIELDS_NOT_CHECKED
                  and getattr(source, f.name) != getattr(config, f.name))
     if bad:
         detail = ", ".join(f"{k}: checkpoint {getattr(source, k)!r} vs model {getattr(config, k)!r}" for k in bad)
-        raise ValueError(f"{path}: checkpoint config differs from the model config ({detail})")
+        raise CheckpointMismatchError(f"{path}: checkpoint config differs from the model config ({detail})")
 
 
 def place(params: Params, shardings: Params, dtype: Any = None) -> Params:

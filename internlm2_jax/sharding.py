@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Optional, Sequence
 
@@ -12,6 +13,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from internlm2_jax.config import ModelConfig
+from internlm2_jax.errors import ConfigValueError
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 
@@ -76,7 +78,8 @@ def make_mesh(mesh_config: MeshConfig, devices: Optional[Sequence[jax.Device]] =
 
 def validate(config: ModelConfig, mesh: Mesh, *, global_batch: Optional[int] = None,
              seq_len: Optional[int] = None) -> None:
-    """Raises one clear error if a model/batch dimension does not divide the mesh axis it maps to."""
+    """Raises one clear error if a model/batch dimension does not divide the mesh axis it maps to; warns (naming
+    the RoPE scaling in force) when `seq_len` exceeds `max_position_embeddings`."""
     t, f, s = mesh.shape["tensor"], mesh.shape["fsdp"], mesh.shape["sequence"]
     checks = [
         ("num_key_value_heads", config.num_key_value_heads, "tensor", t),
@@ -91,7 +94,13 @@ def validate(config: ModelConfig, mesh: Mesh, *, global_batch: Optional[int] = N
         checks.append(("sequence length", seq_len, "sequence", s))
     for name, value, axis, size in checks:
         if value % size:
-            raise ValueError(f"{name}={value} is not divisible by mesh axis {axis}={size}")
+            raise ConfigValueError(f"{name}={value} is not divisible by mesh axis {axis}={size}")
+    if seq_len is not None and seq_len > config.max_position_embeddings:
+        scaling = dict(config.rope_scaling) if config.rope_scaling else "none"
+        logging.getLogger(__name__).warning(
+            "seq_len=%d exceeds the model's max_position_embeddings=%d: positions past it run RoPE (base %g, "
+            "scaling %s) beyond the model's trained range", seq_len, config.max_position_embeddings,
+            config.rope_theta, scaling)
 
 
 def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:

@@ -1,4 +1,5 @@
-"""The pretraining experiment: exact resume after SIGKILL, corrupt-checkpoint fallback, SIGTERM, gin errors."""
+"""The pretraining experiment: exact resume after SIGKILL, corrupt-checkpoint fallback (bit flips included),
+SIGTERM exit code, config change on resume, busy workdir, finished runs, gin errors."""
 
 import os
 import shutil
@@ -12,10 +13,13 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import pretrain as pretrain_cli
+from internlm2_jax import errors
 from internlm2_jax.checkpointing import Checkpointer
 from internlm2_jax.gin_setup import parse_gin
 from internlm2_jax.train.pretraining import NonFiniteLossError, train
 from internlm2_jax.train.metrics_log import read_metrics
+from internlm2_jax.train.workdir_lock import WorkdirLock
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 TEST_GIN = os.path.join(ROOT, "tests", "configs", "pretrain_test.gin")
@@ -101,19 +105,85 @@ def test_corrupt_latest_checkpoint_falls_back(reference_run, tmp_path, caplog, s
     assert _losses(work) == _losses(reference_run)
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path):
+def test_sigterm_saves_and_exits_143(tmp_path):
     proc = subprocess.Popen(_cli(tmp_path, "train.num_steps=100000", "OptimizerConfig.total_steps=100000"),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline:
         if os.path.exists(tmp_path / "metrics.jsonl") and _losses(tmp_path):
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-2000:]
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == errors.EXIT_SIGTERM, err[-2000:]
     last = _losses(tmp_path)[-1][0]
     assert last in Checkpointer(os.path.join(tmp_path, "checkpoints")).all_steps()
+    assert f"stopped at step {last} of 100000 (SIGTERM)" in err.splitlines()[-1], err[-500:]
+    assert "run the same command to resume" in err.splitlines()[-1]
+
+
+def _flip_one_bit(step_dir):
+    data = max((os.path.join(r, f) for r, _, fs in os.walk(step_dir / "state") for f in fs), key=os.path.getsize)
+    raw = bytearray(open(data, "rb").read())
+    raw[len(raw) // 2] ^= 0x10
+    with open(data, "wb") as f:
+        f.write(raw)
+
+
+def test_flipped_bit_is_caught_and_the_run_falls_back(reference_run, tmp_path, caplog, seed):
+    work = tmp_path / "w"
+    shutil.copytree(reference_run, work)
+    _flip_one_bit(work / "checkpoints" / "8")
+    with caplog.at_level("WARNING"):
+        _train(work, f"train.seed = {seed}", "train.num_steps = 8")
+    assert "checkpoint step 8" in caplog.text and "unusable" in caplog.text
+    assert _losses(work) == _losses(reference_run)
+    assert [d for d in os.listdir(work / "checkpoints") if d.startswith("8.unusable-")]  # kept for inspection
+
+
+def test_all_checkpoints_unusable_restarts_at_the_first_batch(reference_run, tmp_path, seed):
+    work = tmp_path / "w"
+    shutil.copytree(reference_run, work)
+    for step in (4, 8):
+        _flip_one_bit(work / "checkpoints" / str(step))
+    _train(work, f"train.seed = {seed}")
+    assert _losses(work) == _losses(reference_run)  # same batches from step 1: the data position was reset
+    assert read_metrics(str(work)) and os.path.exists(work / "metrics.discarded.jsonl")  # old rows kept aside
+
+
+def test_config_change_on_resume_is_an_error_that_touches_nothing(reference_run, tmp_path, capsys):
+    work = tmp_path / "w"
+    shutil.copytree(reference_run, work)
+    before = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(work) for f in fs}
+    code = pretrain_cli.main(["--gin", TEST_GIN, "--workdir", str(work), "--gin_param",
+                              "model_config.intermediate_size=96"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == errors.EXIT_CHECKPOINT
+    assert "model.intermediate_size: checkpoint 128 vs this run's 96" in err[-1] and "Nothing on disk" in err[-1]
+    after = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(work) for f in fs}
+    unlocked = lambda files: {k: v for k, v in files.items() if not k.endswith(".lock")}  # noqa: E731
+    assert unlocked(after) == unlocked(before)  # only the lock file's holder line was rewritten
+
+
+def test_finished_run_and_lower_num_steps_say_so(reference_run, tmp_path, capsys):
+    work = tmp_path / "w"
+    shutil.copytree(reference_run, work)
+    argv = ["--gin", TEST_GIN, "--workdir", str(work)]
+    assert pretrain_cli.main(argv) == 0
+    assert "already complete at step 8 (train.num_steps=8)" in capsys.readouterr().err
+    assert pretrain_cli.main(argv + ["--gin_param", "train.num_steps=5"]) == errors.EXIT_BAD_CONFIG
+    assert "train.num_steps=5 is below the step of the newest checkpoint" in capsys.readouterr().err
+    assert _losses(work) == _losses(reference_run)
+
+
+def test_second_run_on_a_busy_workdir_is_refused(reference_run, tmp_path, capsys):
+    work = tmp_path / "w"
+    shutil.copytree(reference_run, work)
+    with WorkdirLock(str(work)):
+        code = pretrain_cli.main(["--gin", TEST_GIN, "--workdir", str(work), "--gin_param", "train.num_steps=12"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == errors.EXIT_WORKDIR_BUSY and f"in use by pid {os.getpid()}" in err[-1]
+    assert _losses(work) == _losses(reference_run)
 
 
 @pytest.mark.parametrize("binding,message", [

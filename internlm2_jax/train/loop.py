@@ -16,10 +16,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 
-from internlm2_jax.errors import EXIT_NONFINITE, UserFacingError
 from internlm2_jax.checkpointing import CheckpointConfig, Checkpointer
-from internlm2_jax.train.metrics_log import MetricsLog
+from internlm2_jax.errors import EXIT_NONFINITE, ConfigValueError, UserFacingError
+from internlm2_jax.train import outcome
+from internlm2_jax.train.metrics_log import MetricsLog, read_metrics
 from internlm2_jax.train.trainer import Trainer
+from internlm2_jax.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: Optional[int] = None
         self._old = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -53,7 +56,7 @@ class _StopFlag:
 
     def _handle(self, signum, frame) -> None:
         log.warning("received signal %d: finishing this step, saving and exiting", signum)
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def restore(self) -> None:
         for sig, old in self._old.items():
@@ -71,9 +74,9 @@ def initial_state(trainer: Trainer, init_from: Optional[str], seed: int):
 
 
 def restore_or_init(abstract_state: Any, ckpt: Checkpointer, data_iter: Any,
-                    init: Callable[[], Any]) -> tuple[int, Any]:
-    """`(start_step, state)`: the newest readable checkpoint (data iterators restored in place), else `init()`."""
-    restored = ckpt.restore(abstract_state, data_iter=data_iter)
+                    init: Callable[[], Any], expect_model: Optional[dict] = None) -> tuple[int, Any]:
+    """`(start_step, state)`: the newest usable checkpoint (data iterators restored in place), else `init()`."""
+    restored = ckpt.restore(abstract_state, data_iter=data_iter, expect_model=expect_model)
     if restored is None:
         return 0, init()
     start, state, _ = restored
@@ -98,6 +101,15 @@ class LoopConfig:
     log_keys: Optional[tuple[str, ...]] = None
     """Metrics written at a log step (None: every scalar the step returns except `finite`)."""
     nonfinite_advice: str = "The last checkpoint holds finite params; lower the lr or inspect the data near this step"
+    num_steps_name: str = "num_steps"
+    """The binding that sets `num_steps` (e.g. `train.num_steps`), named in errors and the summary line."""
+
+    def __post_init__(self) -> None:
+        for name, value, low in ((self.num_steps_name, self.num_steps, 1), ("log_every", self.log_every, 1),
+                                 ("checkpoint_every", self.checkpoint_every, 1), ("eval_every", self.eval_every, 0),
+                                 ("max_nonfinite", self.max_nonfinite, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigValueError(f"{name}={value!r}: must be an integer >= {low}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +142,7 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, start:
         bar = tqdm(total=num_steps, initial=start, dynamic_ncols=True, desc=cfg.desc)
     if start == 0 and eval_every and evaluate is not None:
         metrics_log.write(0, evaluate(state))
-    ema, last, t0, tokens_seen = None, {}, time.perf_counter(), 0.0
+    ema, last, t0, tokens_seen, done = None, {}, time.perf_counter(), 0.0, start
     try:
         for step in range(start, num_steps):
             state, metrics = step_fn(state, next(train_it))
@@ -178,21 +190,45 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, start:
         stop.restore()
         if bar is not None:
             bar.close()
+    outcome.record(outcome.RunOutcome(
+        "stopped" if stop.requested else "finished", step=done if num_steps > start else start, num_steps=num_steps,
+        workdir=metrics_log.workdir, num_steps_name=cfg.num_steps_name, signal=stop.signum,
+        resumed_from=start or None))
     return state, last, stop.requested
 
 
 def run_stage(workdir: str, abstract_state: Any, init: Callable[[], Any],
-              step_fn: Callable[[Any, Any], tuple[Any, dict]], train_it: Iterator, cfg: LoopConfig, *, checkpoint: CheckpointConfig = CheckpointConfig(),
-              evaluate: Optional[Callable[[Any], dict]] = None, meta: Optional[dict] = None,
-              hooks: Sequence[Hook] = (), extra_iters: Optional[dict[str, Any]] = None) -> tuple[Any, dict, bool]:
-    """Resume-or-start then `run_loop` in `workdir` (`checkpoints/`, `metrics.jsonl`): the whole life of a stage.
+              step_fn: Callable[[Any, Any], tuple[Any, dict]], train_it: Iterator, cfg: LoopConfig, *,
+              checkpoint: CheckpointConfig = CheckpointConfig(), evaluate: Optional[Callable[[Any], dict]] = None,
+              meta: Optional[dict] = None, hooks: Sequence[Hook] = (),
+              extra_iters: Optional[dict[str, Any]] = None) -> tuple[Any, dict, bool]:
+    """Lock, resume-or-start, then `run_loop` in `workdir` (`checkpoints/`, `metrics.jsonl`): a stage's whole life.
 
     `abstract_state`: shapes/shardings of the state (restore target); `init()`: the fresh state when the workdir
-    holds no readable checkpoint. Rows of `metrics.jsonl` past the restored step are dropped, so a resumed run's
-    log equals the uninterrupted one's.
+    holds no usable checkpoint. A second run on the same workdir fails at once (`WorkdirBusyError`); checkpoints
+    of another config raise `CheckpointMismatchError` (`meta["model"]` and the state's shapes are compared); a
+    checkpoint past `cfg.num_steps` is a `ConfigValueError`, one at `cfg.num_steps` means "already complete"
+    (nothing runs; the outcome says so). Rows of `metrics.jsonl` past the restored step are set aside, so a
+    resumed run's log equals the uninterrupted one's.
     """
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), checkpoint)
-    iters = {"": train_it, **extra_iters} if extra_iters else train_it
-    start, state = restore_or_init(abstract_state, ckpt, iters, init)
-    return run_loop(step_fn, state, start, train_it, ckpt, MetricsLog(workdir, resume_step=start), cfg,
-                    evaluate=evaluate, meta=meta, hooks=hooks, extra_iters=extra_iters)
+    with WorkdirLock(workdir):
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), checkpoint)
+        iters = {"": train_it, **extra_iters} if extra_iters else train_it
+        try:
+            start, state = restore_or_init(abstract_state, ckpt, iters, init, (meta or {}).get("model"))
+        except BaseException:
+            ckpt.close()
+            raise
+        if start >= cfg.num_steps:
+            ckpt.close()
+            if start > cfg.num_steps:
+                raise ConfigValueError(
+                    f"{cfg.num_steps_name}={cfg.num_steps} is below the step of the newest checkpoint in {workdir} "
+                    f"({start}); nothing to do. Raise {cfg.num_steps_name} to continue, or use a new --workdir")
+            outcome.record(outcome.RunOutcome("already_complete", step=start, num_steps=cfg.num_steps,
+                                              workdir=workdir, num_steps_name=cfg.num_steps_name))
+            rows = [r for r in read_metrics(workdir) if r.get("step") == start] if os.path.exists(
+                os.path.join(workdir, "metrics.jsonl")) else []
+            return state, {k: v for r in rows for k, v in r.items() if k != "step"}, False
+        return run_loop(step_fn, state, start, train_it, ckpt, MetricsLog(workdir, resume_step=start), cfg,
+                        evaluate=evaluate, meta=meta, hooks=hooks, extra_iters=extra_iters)

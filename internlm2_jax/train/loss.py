@@ -47,7 +47,7 @@ def chunked_cross_entropy(
     Returns:
       `{"loss_sum", "z_loss_sum", "correct", "count"}` scalars (fp32); the mean loss is
       `(loss_sum + z_loss_sum) / count`. With several chunks, each is rematerialised in the
-      backward pass; `correct` counts positions whose target logit is the row maximum.
+      backward pass; `correct` counts positions whose target logit is the row's unique maximum.
     """
     b, s, d = hidden.shape
     chex.assert_shape([targets, weights], (b, s))
@@ -65,9 +65,12 @@ def chunked_cross_entropy(
         logits = linear("bcd,dv->bcv", h, head.astype(h.dtype), out_dtype=jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        # "Correct" = the target's logit is the maximum (= argmax unless exactly tied); a max
-        # reduction is ~25x cheaper than argmax on XLA:CPU for [*, 92544]-wide rows.
-        correct = jax.lax.stop_gradient(target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+        # "Correct" = the target's logit is the unique maximum; a tie is wrong (collapsed weights give
+        # all-equal logits, which must read as accuracy 0, not 1). Max + count reductions are much cheaper
+        # than argmax on XLA:CPU for [*, 92544]-wide rows.
+        top = jnp.max(logits, axis=-1)
+        unique = jnp.sum((logits == top[..., None]).astype(jnp.int32), axis=-1) == 1
+        correct = jax.lax.stop_gradient((target_logit >= top) & unique).astype(jnp.float32)
         return jnp.stack([jnp.sum((lse - target_logit) * w), jnp.sum(z_loss * lse**2 * w),
                           jnp.sum(correct * w), jnp.sum(w)])
 

@@ -90,7 +90,8 @@ def train(
             "gin": gin.config_str()}
     loop_cfg = LoopConfig(num_steps=num_steps, log_every=log_every, eval_every=eval_every,
                           checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite,
-                          spike_factor=spike_factor, progress=progress, desc="pretrain", log_keys=LOG_KEYS)
+                          spike_factor=spike_factor, progress=progress, desc="pretrain", log_keys=LOG_KEYS,
+                          num_steps_name="train.num_steps")
     state, last, stopped = run_stage(
         workdir, trainer.abstract_state(), lambda: initial_state(trainer, init_from, seed), trainer.step_host,
         train_it, loop_cfg, checkpoint=checkpoint, meta=meta,
