@@ -3,6 +3,7 @@
 Modules (imported lazily; import the one you need):
   records            record format, language/type heuristics
   normalize          JSONL / text folder / code repository / TFDS readers (bad input counted)
+  decoding           bytes -> text per document (UTF-8 first, bad bytes replaced and counted; GB18030 fallback)
   filters            Gopher-style rule filters (CJK-aware)
   dedup              MinHash-LSH: near_duplicate_clusters(texts, *, threshold=0.7, num_perm=128, ngram=5, seed=0)
   safety             domain/word blocklists, TextClassifier protocol, HashedNgramLogReg
@@ -10,6 +11,7 @@ Modules (imported lazily; import the one you need):
   longtext           >= 32 KB texts: statistics + P(S2|S1) vs P(S2) coherence filter
   code, code_deps    markdown format, indent-insensitive dedup, tiers, dependency sorting
   writers            ArrayRecord/JSONL shards (Grain-readable)
+  output             staged write + manifest.json written last; verify(workdir) tells complete output
   pipeline           single-process chain + stats; beam_pipeline: the same as Beam transforms
   tokenizer_training InternLM2-style sentencepiece BPE training
 """

@@ -13,7 +13,8 @@ Same stages and decisions as :mod:`.pipeline` (the output is identical, see the 
   recent record; code files are grouped by their indent-insensitive key;
 * code documents: ``GroupByKey(repository)`` -> dependency sort + packing;
 * write: the final collections are gathered on one worker and written sorted, exactly like the
-  local run (fine for the sizes this repo targets; a sharded sink is the next step for web scale).
+  local run, through the same staged write + manifest commit (:mod:`.output`) -- fine for the sizes
+  this repo targets; a sharded sink is the next step for web scale.
 
 Records must have unique ids (the join key).
 """
@@ -21,7 +22,7 @@ Records must have unique ids (the join key).
 from __future__ import annotations
 
 import copy
-import json
+import logging
 import pathlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -30,25 +31,23 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from . import code, dedup, pipeline
+from . import code, dedup, output, pipeline
 from .records import Record
 from .stats import BadInput
 
 _BAD = "bad_input"
+log = logging.getLogger(__name__)
 
 
 def _expand_spec(spec: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    """One spec per JSONL file, so files are read in parallel (missing patterns still reported)."""
-    import glob
-
+    """One spec per JSONL file, so files are read in parallel (``run_beam`` already refused patterns that
+    match nothing, with `pipeline.check_sources`)."""
     spec = dict(spec)
     if spec["kind"] != "jsonl":
         yield spec
         return
-    for pat in spec["paths"]:
-        matched = sorted(glob.glob(str(pat), recursive=True))
-        for path in matched or [str(pat)]:
-            yield {**spec, "paths": [path]}
+    for path in pipeline.jsonl_paths(spec):
+        yield {**spec, "paths": [path]}
 
 
 class _Read(beam.DoFn):
@@ -153,6 +152,7 @@ def _finalize(_: Any, workdir: str, cfg: pipeline.PipelineConfig, n_input: int, 
     for s in sizes:
         hist[s] = hist.get(s, 0) + 1
     outputs = {"text": sorted(text, key=lambda r: r["id"]), "code": sorted(code_docs, key=lambda r: r["id"])}
+    pipeline.check_not_empty(n_input, bad.to_dict())
     stats = pipeline.summarize(n_input, sorted(dropped, key=lambda r: r["id"]), outputs, bad.to_dict(),
                                {str(k): v for k, v in sorted(hist.items())})
     pipeline.write_outputs(workdir, outputs, sorted(dropped, key=lambda r: r["id"]), stats, cfg.records_per_shard)
@@ -199,9 +199,12 @@ def build(p: beam.Pipeline, specs: Sequence[Mapping[str, Any]], workdir: str, cf
 def run_beam(specs: Sequence[Mapping[str, Any]], workdir: str | pathlib.Path, cfg: pipeline.PipelineConfig,
              *, runner: str = "DirectRunner", options: Sequence[str] = ()) -> dict[str, Any]:
     """Run on ``runner`` (e.g. DirectRunner, DataflowRunner, FlinkRunner, SparkRunner) and return
-    the stats report (read back from ``{workdir}/stats.json``, which must be on a shared path)."""
+    the stats report (read back from ``{workdir}/manifest.json``, which must be on a shared path; the
+    output is staged and committed exactly as in the local run, `pipeline.write_outputs`)."""
+    pipeline.check_sources(specs)  # here, not in a worker: one clear line naming the pattern
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     opts = PipelineOptions([f"--runner={runner}", *options])
+    log.info("running on Beam %s", runner)
     with beam.Pipeline(options=opts) as p:
         build(p, specs, str(workdir), cfg)
-    return json.loads((pathlib.Path(workdir) / "stats.json").read_text(encoding="utf-8"))
+    return output.verify(workdir, checksums=False)["stats"]

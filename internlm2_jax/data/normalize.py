@@ -1,9 +1,10 @@
 """Source readers that normalize JSONL files, text folders, code repositories and TFDS datasets
 into records (see :mod:`internlm2_jax.data.records`).
 
-Bad input never crashes a run and is never dropped silently: malformed JSON lines, undecodable
-bytes, missing text fields and empty files are counted in :class:`~.stats.BadInput` (with
-``file:line`` examples) and the reader moves on.
+Bad input never crashes a run and is never dropped silently: malformed JSON lines, missing text
+fields and empty files are counted in :class:`~.stats.BadInput` (with ``file:line`` examples) and the
+reader moves on; undecodable bytes and lone surrogates are replaced and counted per document
+(:mod:`.decoding`, shared by both runners).
 """
 
 from __future__ import annotations
@@ -14,40 +15,18 @@ import pathlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from . import decoding
 from .records import CODE_EXTENSIONS, Record, make_record
 from .stats import BadInput
-
-# Tried in order after UTF-8 (with BOM sniffing for UTF-16/32).
-FALLBACK_ENCODINGS = ("gb18030",)
-_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
-         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
-
-
-def decode_bytes(data: bytes) -> tuple[str | None, str]:
-    """Decode with BOM sniffing, UTF-8, then :data:`FALLBACK_ENCODINGS`; ``(None, '')`` if none fits."""
-    for bom, enc in _BOMS:
-        if data.startswith(bom):
-            try:
-                return data.decode(enc), enc
-            except UnicodeDecodeError:
-                return None, ""
-    for enc in ("utf-8", *FALLBACK_ENCODINGS):
-        try:
-            text = data.decode(enc)
-        except UnicodeDecodeError:
-            continue
-        if enc != "utf-8" and "\x00" in text:
-            continue
-        return text, enc
-    return None, ""
-
 
 def _mtime_iso(path: pathlib.Path) -> str:
     ts = dt.datetime.fromtimestamp(path.stat().st_mtime, tz=dt.timezone.utc)
     return ts.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _read_file(path: pathlib.Path, bad: BadInput) -> str | None:
+def _read_file(path: pathlib.Path, bad: BadInput) -> tuple[bytes, str] | None:
+    """``(bytes, encoding)`` of a file (:func:`.decoding.choose_encoding`), or None (counted) when it is
+    unreadable, empty or binary."""
     bad.files_read += 1
     try:
         data = path.read_bytes()
@@ -57,9 +36,23 @@ def _read_file(path: pathlib.Path, bad: BadInput) -> str | None:
     if not data.strip():
         bad.add("empty_file", str(path))
         return None
-    text, _ = decode_bytes(data)
-    if text is None:
+    enc = decoding.choose_encoding(data)
+    if enc is None:
         bad.add("unknown_encoding", str(path))
+        return None
+    if enc not in decoding.UTF8:
+        bad.decoded_as(enc, str(path))
+    return data, enc
+
+
+def _decode_whole(path: pathlib.Path, bad: BadInput) -> str | None:
+    """One document per file: its text, undecodable bytes replaced and counted (None: skipped, counted)."""
+    got = _read_file(path, bad)
+    if got is None:
+        return None
+    text, n = decoding.decode_document(*got)
+    if n:
+        bad.add("undecodable_bytes", f"{path}: {n} byte(s)", n)
     return text
 
 
@@ -67,20 +60,29 @@ def read_jsonl(
     paths: Iterable[str | pathlib.Path], source: str, bad: BadInput, *, text_key: str = "text",
     id_key: str = "id", timestamp_keys: tuple[str, ...] = ("timestamp", "date", "crawl_date"),
 ) -> Iterator[Record]:
-    """Records from JSONL files; other JSON fields go to ``meta`` (``url``, ``type``, ...)."""
+    """Records from JSONL files; other JSON fields go to ``meta`` (``url``, ``type``, ...).
+
+    Each line is decoded on its own: undecodable bytes and lone surrogates are replaced by U+FFFD and
+    counted per document (``meta['undecodable_bytes']``, ``meta['lone_surrogates']``), never dropped.
+    """
     for path in map(pathlib.Path, paths):
-        text = _read_file(path, bad)
-        if text is None:
+        got = _read_file(path, bad)
+        if got is None:
             continue
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line, n_bytes in decoding.decode_lines(*got):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
+            if n_bytes:
+                bad.add("undecodable_bytes", f"{where}: {n_bytes} byte(s)", n_bytes)
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError:
                 bad.add("malformed_json", where)
                 continue
+            obj, n_surr = decoding.scrub_json(obj)
+            if n_surr:
+                bad.add("lone_surrogates", f"{where}: {n_surr}", n_surr)
             if not isinstance(obj, dict) or not isinstance(obj.get(text_key), str):
                 bad.add("missing_text", where)
                 continue
@@ -89,6 +91,9 @@ def read_jsonl(
             ts = next((str(obj.pop(k)) for k in timestamp_keys if obj.get(k) is not None), None)
             lang = obj.pop("lang", None)
             meta: dict[str, Any] = obj
+            for key, n in (("undecodable_bytes", n_bytes), ("lone_surrogates", n_surr)):
+                if n:
+                    meta[key] = n
             yield make_record(f"{source}/{rid}", body, source, lang=lang, timestamp=ts, meta=meta)
 
 
@@ -99,7 +104,7 @@ def read_text_dir(root: str | pathlib.Path, source: str, bad: BadInput, *,
     for path in sorted(root.glob(pattern)):
         if not path.is_file():
             continue
-        text = _read_file(path, bad)
+        text = _decode_whole(path, bad)
         if text is None:
             continue
         rel = path.relative_to(root).as_posix()
@@ -126,7 +131,7 @@ def read_code_repo(root: str | pathlib.Path, source: str, bad: BadInput, *,
         if path.stat().st_size > max_bytes:
             bad.add("file_too_large", str(path))
             continue
-        text = _read_file(path, bad)
+        text = _decode_whole(path, bad)
         if text is None:
             continue
         rel = path.relative_to(root).as_posix()
@@ -151,13 +156,21 @@ def read_tfds(name: str, source: str, bad: BadInput, *, split: str = "train", te
             continue
         value = ex.get(text_key) if isinstance(ex, dict) else None
         if isinstance(value, bytes):
-            value, _ = decode_bytes(value)
-            if value is None:
+            enc = decoding.choose_encoding(value)
+            if enc is None:
                 bad.add("unknown_encoding", where)
                 continue
+            if enc not in decoding.UTF8:
+                bad.decoded_as(enc, where)
+            value, n = decoding.decode_document(value, enc)
+            if n:
+                bad.add("undecodable_bytes", f"{where}: {n} byte(s)", n)
         if not isinstance(value, str):
             bad.add("missing_text", where)
             continue
         meta = {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
                 for k, v in ex.items() if k != text_key and isinstance(v, (str, bytes, int, float))}
+        (value, meta), n_surr = decoding.scrub_json([value, meta])
+        if n_surr:
+            bad.add("lone_surrogates", f"{where}: {n_surr}", n_surr)
         yield make_record(f"{source}/{split}/{i}", value, source, meta=meta)

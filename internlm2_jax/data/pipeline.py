@@ -10,24 +10,32 @@ Stages, in order; a dropped record gets ``meta['dropped_by'] = '<stage>/<reason>
 5. ``longtext``  -- statistics + coherence filter for texts >= 32 KB
 6. ``code_tiers``-- code quality tiers (low dropped; high repeated)
 Then code files are grouped per repository, dependency-sorted and packed into documents.
+
+Input bytes are decoded per document (:mod:`.decoding`); output is staged and committed with a manifest
+written last (:mod:`.output`). Both are shared with the Beam runner.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
-import json
+import logging
 import pathlib
+import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from . import code, code_deps, dedup, filters, longtext, normalize, quality, safety
+from internlm2_jax.errors import EmptyDatasetError, InputDataError
+
+from . import code, code_deps, dedup, filters, longtext, normalize, output, quality, safety
 from .records import Record, make_record
 from .stats import BadInput, approx_tokens
 from .writers import write_shards
 
 STAGES = ("rules", "dedup", "safety", "quality", "longtext", "code_tiers")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,18 +107,55 @@ class Stages:
         return ("longtext", r) if r else None
 
 
+def jsonl_paths(spec: Mapping[str, Any]) -> list[str]:
+    """The files of a ``jsonl`` spec's ``paths`` patterns (sorted per pattern); a pattern matching nothing
+    is an :class:`InputDataError` naming it (a typo must not give a smaller dataset with exit 0)."""
+    pats = spec.get("paths")
+    if not pats:
+        raise InputDataError(f"jsonl source {spec.get('source')!r}: no 'paths' given")
+    paths: list[str] = []
+    for pat in [pats] if isinstance(pats, (str, pathlib.Path)) else pats:  # one pattern, not its characters
+        matched = sorted(glob.glob(str(pat), recursive=True))
+        if not matched:
+            raise InputDataError(f"{pat}: no file matches this pattern (source "
+                                 f"{spec.get('source') or 'jsonl'!r})")
+        paths += matched
+    return paths
+
+
+def check_sources(specs: Sequence[Mapping[str, Any]]) -> None:
+    """Fails before any work when a source names nothing: a pattern matching no file, a missing folder, or
+    a folder without matching files; the error names the pattern or folder."""
+    for spec in specs:
+        kind = spec.get("kind")
+        if kind == "jsonl":
+            jsonl_paths(spec)
+        elif kind in ("text_dir", "code_repo"):
+            if not spec.get("root"):
+                raise InputDataError(f"{kind} source {spec.get('source')!r}: no 'root' given")
+            root = pathlib.Path(spec["root"])
+            if not root.is_dir():
+                raise InputDataError(f"{root}: no such directory ({kind} source {spec.get('source')!r})")
+            for sub in spec.get("include", ()):
+                if not (root / sub).exists():
+                    raise InputDataError(f"{root / sub}: not found (include of {kind} source {spec.get('source')!r})")
+            if kind == "text_dir":
+                pattern = spec.get("pattern", "**/*.txt")
+                if not any(p.is_file() for p in root.glob(pattern)):
+                    raise InputDataError(f"{root}/{pattern}: no file matches this pattern "
+                                         f"(text_dir source {spec.get('source')!r})")
+        elif kind != "tfds":
+            raise InputDataError(f"unknown source kind {kind!r}; expected jsonl, text_dir, code_repo or tfds")
+
+
 def read_sources(specs: Sequence[Mapping[str, Any]], bad: BadInput) -> Iterator[Record]:
     """Records of every source spec: ``{'kind': 'jsonl'|'text_dir'|'code_repo'|'tfds', ...}``."""
     for spec in specs:
         spec = dict(spec)
         kind, source = spec.pop("kind"), spec.pop("source", None)
         if kind == "jsonl":
-            paths = []
-            for pat in spec.pop("paths"):
-                matched = sorted(glob.glob(str(pat), recursive=True))
-                if not matched:
-                    bad.add("no_files_matched", str(pat))
-                paths += matched
+            paths = jsonl_paths({**spec, "source": source})
+            spec.pop("paths")
             yield from normalize.read_jsonl(paths, source or "jsonl", bad, **spec)
         elif kind == "text_dir":
             yield from normalize.read_text_dir(spec.pop("root"), source or "text", bad, **spec)
@@ -119,7 +164,15 @@ def read_sources(specs: Sequence[Mapping[str, Any]], bad: BadInput) -> Iterator[
         elif kind == "tfds":
             yield from normalize.read_tfds(spec.pop("name"), source or "tfds", bad, **spec)
         else:
-            raise ValueError(f"unknown source kind {kind!r}; expected jsonl, text_dir, code_repo or tfds")
+            raise InputDataError(f"unknown source kind {kind!r}; expected jsonl, text_dir, code_repo or tfds")
+
+
+def check_not_empty(n_input: int, bad: Mapping[str, Any]) -> None:
+    """No input record at all is an error (empty shards with exit 0 would pass for a dataset)."""
+    if n_input == 0:
+        first = next((f"; e.g. {k}: {v[0]}" for k, v in bad.get("examples", {}).items() if v), "")
+        raise EmptyDatasetError(f"no input records in {bad.get('files_read', 0)} file(s) read (bad input: "
+                                f"{bad.get('counts', {})}{first})")
 
 
 def _drop(rec: Record, stage: str, reason: str) -> Record:
@@ -205,8 +258,10 @@ def process(records: list[Record], cfg: PipelineConfig) -> tuple[dict[str, list[
     for r in records:
         reason = stages.rules(r)
         (dropped.append(_drop(r, "rules", reason)) if reason else survivors.append(r))
+    log.info("rules: %d of %d records kept", len(survivors), len(records))
     kept, dd, hist = dedup_records(survivors, cfg)
     dropped += dd
+    log.info("dedup: %d kept, %d duplicates dropped", len(kept), len(dd))
     final_text, final_code = [], []
     for r in kept:
         res = stages.post_dedup(r)
@@ -214,6 +269,8 @@ def process(records: list[Record], cfg: PipelineConfig) -> tuple[dict[str, list[
             dropped.append(_drop(r, *res))
         else:
             (final_code if r["type"] == "code" else final_text).append(r)
+    log.info("safety/quality/long text/code tiers: %d text and %d code records kept", len(final_text),
+             len(final_code))
     outputs = {"text": sorted(final_text, key=lambda r: r["id"]),
                "code": sorted(code_documents(final_code, cfg.code_context_chars), key=lambda r: r["id"])}
     return outputs, sorted(dropped, key=lambda r: r["id"]), hist
@@ -221,22 +278,44 @@ def process(records: list[Record], cfg: PipelineConfig) -> tuple[dict[str, list[
 
 def write_outputs(workdir: str | pathlib.Path, outputs: Mapping[str, list[Record]], dropped: list[Record],
                   stats: dict[str, Any], records_per_shard: int) -> dict[str, list[str]]:
-    """Shards for each output (ArrayRecord + JSONL), rejects as JSONL, and ``stats.json``."""
+    """Shards for each output (ArrayRecord + JSONL), rejects as JSONL, ``stats.json`` and, last,
+    ``manifest.json``: staged, then committed (:mod:`.output`); returns the paths of the shards."""
     work = pathlib.Path(workdir)
-    files = {name: write_shards(rs, work / name, name, records_per_shard=records_per_shard)
-             for name, rs in outputs.items()}
-    files["rejected"] = write_shards(dropped, work / "rejected", "rejected",
-                                     records_per_shard=records_per_shard, formats=("jsonl",))
-    stats["files"] = {k: [str(pathlib.Path(p).relative_to(work)) for p in v] for k, v in files.items()}
-    (work / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
-    return files
+    staging = output.new_staging(work)
+    log.info("writing %s to %s", ", ".join(f"{len(rs)} {name}" for name, rs in
+                                          [*outputs.items(), ("rejected", dropped)]), staging)
+    try:
+        try:
+            shards = {name: write_shards(rs, staging / name, name, records_per_shard=records_per_shard)
+                      for name, rs in outputs.items()}
+            shards["rejected"] = write_shards(dropped, staging / "rejected", "rejected",
+                                              records_per_shard=records_per_shard, formats=("jsonl",))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # nothing committed: the previous output stays as it was
+            raise
+        stats["files"] = {k: [pathlib.Path(s.path).relative_to(staging).as_posix() for s in v]
+                          for k, v in shards.items()}
+        manifest = output.commit(work, staging, shards, stats)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise output.OutputDiskFullError(
+            f"disk full writing {e.filename or staging} ({e.strerror}); the previous output in {work} is "
+            "unchanged: free space and run the same command") from None
+    log.info("committed %s (%d shard files)", work / output.MANIFEST, len(manifest["shards"]))
+    return {k: [str(work / f) for f in v] for k, v in stats["files"].items()}
 
 
 def run_local(sources: Sequence[Mapping[str, Any]], workdir: str | pathlib.Path,
               cfg: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     """Read, process and write everything in this process; returns the stats report."""
+    check_sources(sources)
     bad = BadInput()
+    log.info("reading %d source(s)", len(sources))
     records = list(read_sources(sources, bad))
+    check_not_empty(len(records), bad.to_dict())
+    log.info("read %d records from %d file(s); processing (rules, dedup, safety, quality, long text, code)",
+             len(records), bad.files_read)
     outputs, dropped, hist = process(records, cfg)
     stats = summarize(len(records), dropped, outputs, bad.to_dict(), hist)
     write_outputs(workdir, outputs, dropped, stats, cfg.records_per_shard)

@@ -101,5 +101,13 @@ def classify_type(text: str, *, lang: str, meta: dict[str, Any] | None = None) -
 
 
 def to_json_bytes(record: Record) -> bytes:
-    """Canonical JSON encoding (sorted keys, UTF-8) used for every output shard."""
-    return json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    """Canonical JSON encoding (sorted keys, UTF-8) used for every output shard.
+
+    The readers replace lone surrogates (:func:`.decoding.scrub_json`); one that still gets here is a bug of
+    the code that built the record, named here rather than as a bare codec error.
+    """
+    try:
+        return json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"record {record.get('id')!r}: {e.reason} (a lone surrogate?): cannot be written "
+                         "as UTF-8; build records through the readers of internlm2_jax.data.normalize") from e

@@ -8,7 +8,7 @@ import gin
 import pytest
 
 from experiments import prepare_data
-from internlm2_jax.data import writers
+from internlm2_jax.data import output, writers
 
 TINY = "experiments/configs/data/tiny.gin"
 SMALL = ["prepare_data.synthetic_docs = 60", "prepare_data.stdlib_packages = ('json',)",
@@ -18,9 +18,12 @@ SMALL = ["prepare_data.synthetic_docs = 60", "prepare_data.stdlib_packages = ('j
 def _run(workdir, *extra: str) -> dict:
     gin.clear_config()
     try:
-        prepare_data.main(["--gin", TINY, "--workdir", str(workdir), *sum((["--gin_param", b] for b in extra), [])])
+        code = prepare_data.main(["--gin", TINY, "--workdir", str(workdir),
+                                  *sum((["--gin_param", b] for b in extra), [])])
     finally:
         gin.clear_config()
+    assert code == 0
+    output.verify(workdir)  # manifest committed, every shard present with its checksum
     return json.loads((workdir / "stats.json").read_text())
 
 
@@ -63,6 +66,13 @@ def test_beam_direct_runner_equals_local(tmp_path):
     assert beam == local
     for f in sum(local["files"].values(), []):
         assert (tmp_path / "local" / f).read_bytes() == (tmp_path / "beam" / f).read_bytes(), f
+    # A pattern matching nothing stops the Beam runner too, before any worker runs (issue 16).
+    from internlm2_jax.data import beam_pipeline, pipeline
+    from internlm2_jax.errors import InputDataError
+
+    with pytest.raises(InputDataError, match=r"nope-\*\.jsonl: no file matches"):
+        beam_pipeline.run_beam([{"kind": "jsonl", "paths": [str(tmp_path / "nope-*.jsonl")]}], tmp_path / "b2",
+                               pipeline.PipelineConfig())
 
 
 def test_approx_tokens_counts_words_and_single_cjk_characters():
