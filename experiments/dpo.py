@@ -26,7 +26,10 @@ from internlm2_jax.checkpointing import CheckpointConfig
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.params_loading import load_policy
 from internlm2_jax.rlhf.dpo import DPOTask, cache_reference, encode_dpo_batch
-from internlm2_jax.rlhf.preference_data import read_jsonl
+from internlm2_jax.errors import ConfigValueError, EmptyDatasetError
+from internlm2_jax.jsonl import JsonlRecords
+from internlm2_jax.rlhf.preference_data import read_preference_pairs
+from internlm2_jax.rlhf.prompts import load_tokenizer
 from internlm2_jax.rlhf.toy_tasks import CharTokenizer, toy_preference_records
 from internlm2_jax.sharding import MeshConfig, make_mesh
 from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer
@@ -36,17 +39,20 @@ from internlm2_jax.train.trainer import Trainer, mesh_context
 _FIELDS = ("chosen", "rejected", "chosen_mask", "rejected_mask", "ref_chosen", "ref_rejected")
 
 
-def load_dpo_records(data: Sequence[str], tokenizer: Optional[str], seed: int) -> tuple[list[dict], Any]:
-    """(records, tokenizer): `toy:N` → the `likes_a` half of `toy_preference_records(2N)`; else JSONL files."""
+def load_dpo_records(data: Sequence[str], tokenizer: Optional[str], seed: int,
+                     on_error: str = "raise") -> tuple[JsonlRecords, Any]:
+    """(records, tokenizer): `toy:N` → the `likes_a` half of `toy_preference_records(2N)`; else JSONL files, read
+    by `read_preference_pairs` (`path:line:` errors or, with `on_error="skip"`, `records.skipped`; no usable pair
+    is `EmptyDatasetError`)."""
     if any(d.startswith("toy:") for d in data):
         recs = [r for d in data for r in toy_preference_records(2 * int(d[4:]), seed=seed)
                 if r["condition"] == "likes_a"]
-        return recs, CharTokenizer()
+        return JsonlRecords(recs), CharTokenizer()
     if tokenizer is None:
-        raise ValueError("JSONL preference data needs train_dpo.tokenizer (a sentencepiece model path)")
-    from internlm2_jax.tokenizer import Tokenizer
-
-    return [r for path in data for r in read_jsonl(path)], Tokenizer(tokenizer)
+        raise ConfigValueError("train_dpo.tokenizer=None: JSONL preference data needs a sentencepiece model path")
+    if not data:
+        raise EmptyDatasetError("train_dpo.data is empty: no preference files given")
+    return read_preference_pairs(list(data), on_error), load_tokenizer(tokenizer)
 
 
 def _cached_batches(path: str, make: Any) -> list[dict[str, np.ndarray]]:
@@ -71,18 +77,21 @@ def train_dpo(workdir: str, model: ModelConfig = gin.REQUIRED, data: Sequence[st
               optimizer: OptimizerConfig = OptimizerConfig(peak_lr=5e-7, warmup_steps=0, end_lr_ratio=0.0,
                                                           weight_decay=0.0),
               mesh: MeshConfig = MeshConfig(), checkpoint: CheckpointConfig = CheckpointConfig(), seed: int = 0,
-              progress: bool = False) -> dict[str, Any]:
+              progress: bool = False, on_error: str = "raise") -> dict[str, Any]:
     """DPO for `epochs` over the training pairs in `workdir` (resuming if it holds checkpoints); returns the
-    last logged metrics with the final held-out `eval_reward_margin` / `eval_reward_accuracy`."""
+    last logged metrics with the final held-out `eval_reward_margin` / `eval_reward_accuracy` and
+    `skipped_records` (bad JSONL lines left out with `on_error="skip"`; `"raise"` stops at `path:line: ...`)."""
     os.makedirs(workdir, exist_ok=True)
-    records, tok = load_dpo_records(list(data), tokenizer, seed)
+    records, tok = load_dpo_records(list(data), tokenizer, seed, on_error)
     tok_pad = getattr(tok, "pad_id", 0)
     n_eval = max(int(len(records) * eval_fraction), batch_size)
     held_recs, train_recs = records[:n_eval], records[n_eval:]
     m = make_mesh(mesh)
     steps_per_epoch = len(train_recs) // batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_recs)} training pairs make no batch of batch_size={batch_size}")
+        raise EmptyDatasetError(f"{', '.join(data)}: {len(records)} usable preference pairs ({records.skipped} "
+                                f"skipped) leave {len(train_recs)} for training after {n_eval} held out: no batch "
+                                f"of train_dpo.batch_size={batch_size}")
     tx = make_optimizer(dataclasses.replace(optimizer, total_steps=epochs * steps_per_epoch))
     trainer = Trainer(DPOTask(model, beta, label_smoothing), tx, m, seed=seed)
 
@@ -109,14 +118,14 @@ def train_dpo(workdir: str, model: ModelConfig = gin.REQUIRED, data: Sequence[st
     num_steps = epochs * steps_per_epoch
     loop_cfg = LoopConfig(num_steps=num_steps, log_every=1, eval_every=eval_every or num_steps,
                           checkpoint_every=checkpoint_every, progress=progress, desc="dpo",
-                          nonfinite_advice="Lower the lr or inspect the preference data")
+                          nonfinite_advice="Lower the lr or inspect the preference data", num_steps_name="epochs × batches")
     init = lambda: trainer.state_from_params(policy_from(init_from)) if init_from else trainer.init_state(  # noqa: E731
         jax.random.key(seed))
     state, last, stopped = run_stage(workdir, trainer.abstract_state(), init, trainer.step_host,
                                      iter(grain.MapDataset.source(train).repeat(epochs)), loop_cfg,
                                      checkpoint=checkpoint, evaluate=evaluate,
                                      meta={"kind": "dpo", "gin": gin.config_str()})
-    return {**last, "steps": int(state.step), "stopped": stopped}
+    return {**last, "steps": int(state.step), "stopped": stopped, "skipped_records": records.skipped}
 
 
 @entry_point

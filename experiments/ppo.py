@@ -30,6 +30,7 @@ import numpy as np
 
 from internlm2_jax.checkpointing import CheckpointConfig
 from internlm2_jax.config import ModelConfig
+from internlm2_jax.errors import EmptyDatasetError
 from internlm2_jax.input import InputConfig, make_pretrain_iterator
 from internlm2_jax.params_loading import load_policy, load_reward, save_msgpack
 from internlm2_jax.rlhf.algorithms import samples_per_prompt
@@ -70,7 +71,8 @@ def train_ppo(workdir: str, model: ModelConfig = gin.REQUIRED, ppo: RLConfig = R
               pretrain_data: Optional[InputConfig] = None, prompts: Optional[Sequence[str]] = None,
               tokenizer: Optional[str] = None, reward_token_id: Optional[int] = None,
               conditions: Optional[dict] = None, mesh: MeshConfig = MeshConfig(), seed: int = 0,
-              checkpoint_every: int = 10, checkpoint: CheckpointConfig = CheckpointConfig()) -> dict[str, Any]:
+              checkpoint_every: int = 10, checkpoint: CheckpointConfig = CheckpointConfig(),
+              on_error: str = "raise") -> dict[str, Any]:
     """Runs `iterations` RL iterations (`ppo.algo`: ppo, grpo, rloo, ...) in `workdir`, resuming if it holds
     checkpoints (actor, critic, optimizer states, rollout rng, prompt and pretraining data positions).
 
@@ -80,9 +82,22 @@ def train_ppo(workdir: str, model: ModelConfig = gin.REQUIRED, ppo: RLConfig = R
     when given one, else from the actor's backbone with a zero head, and reads the RM's input layout. ptx data:
     `pretrain_data` (an `InputConfig` of the pretraining pipeline, e.g. the pretraining corpus) on the real path,
     generated 'a+b=c' chats (`pretrain_batch` rows) on the toy one. `tokenizer`: `None`/`'char'` (toy) or a
-    sentencepiece model; `reward_token_id` defaults to the tokenizer's (`default_reward_token_id`).
+    sentencepiece model; `reward_token_id` defaults to the tokenizer's (`default_reward_token_id`). A bad line
+    in `prompts` stops the run with `path:line: ...` (`on_error="raise"`) or is left out and counted in
+    `skipped_records` (`"skip"`); an empty prompt file is an `EmptyDatasetError`.
     """
     tok = load_tokenizer(tokenizer)
+    skipped = 0
+    if prompts:  # read first: a bad prompt file fails in a second, not after loading the actor
+        conds = conditions or DEFAULT_CONDITIONS
+        records = read_prompts(list(prompts), on_error, conds)
+        skipped = records.skipped
+    else:
+        records, conds = toy_prompts(num_prompts, tok, seed), conditions or TOY_CONDITIONS
+    items = [it for it in make_prompt_items(records, tok, conds) if len(it["tokens"]) <= ppo.max_prompt_len]
+    if len(items) < ppo.batch_size:  # too few prompts for one rollout batch: a data error, not a crash later
+        raise EmptyDatasetError(f"only {len(items)} of {len(records)} prompts ({skipped} bad records skipped) fit "
+                                f"max_prompt_len={ppo.max_prompt_len}; need ppo.batch_size={ppo.batch_size}")
     dev_mesh = make_mesh(mesh)
     a_sh = actor_shardings(model, dev_mesh)
     actor = load_policy(actor_init, model, a_sh) if actor_init else init_policy(model, jax.random.key(seed))
@@ -97,13 +112,6 @@ def train_ppo(workdir: str, model: ModelConfig = gin.REQUIRED, ppo: RLConfig = R
         critic = init_reward_params(model, jax.random.key(seed + 1), backbone=actor)
     else:
         raise ValueError(f"unknown reward {reward!r}; expected 'target:<text>' or 'rm:<path>'")
-    if prompts:
-        records, conds = read_prompts(list(prompts)), conditions or DEFAULT_CONDITIONS
-    else:
-        records, conds = toy_prompts(num_prompts, tok, seed), conditions or TOY_CONDITIONS
-    items = [it for it in make_prompt_items(records, tok, conds) if len(it["tokens"]) <= ppo.max_prompt_len]
-    if len(items) < ppo.batch_size:
-        raise ValueError(f"only {len(items)} prompts fit max_prompt_len={ppo.max_prompt_len}; need {ppo.batch_size}")
     if pretrain_data is not None:
         pt = make_pretrain_iterator(pretrain_data, tokenizer=tok, split="train")
     elif tokenizer in (None, "char"):
@@ -124,7 +132,8 @@ def train_ppo(workdir: str, model: ModelConfig = gin.REQUIRED, ppo: RLConfig = R
 
     loop_cfg = LoopConfig(num_steps=iterations, log_every=1, eval_every=0, checkpoint_every=checkpoint_every,
                           progress=False, desc=ppo.algo,
-                          nonfinite_advice="The last checkpoint holds finite params; lower the lrs")
+                          nonfinite_advice="The last checkpoint holds finite params; lower the lrs",
+                          num_steps_name="train_ppo.iterations")
     initial = trainer.state
     state, last, stopped = run_stage(workdir, trainer.abstract_state(), lambda: initial, step_and_print, prompt_it,
                                      loop_cfg, checkpoint=checkpoint, extra_iters={"ptx": pt} if pt else None,
@@ -143,7 +152,8 @@ def train_ppo(workdir: str, model: ModelConfig = gin.REQUIRED, ppo: RLConfig = R
              "response": tok.decode([t for t in r if t not in tok.stop_ids]), "reward": float(scores[i])}
             for i, r in enumerate(responses)])
         save_msgpack(os.path.join(workdir, "actor_params.msgpack"), state.actor)
-    return {"final_reward": last["reward"], "final_kl": last["kl"], "iterations": iterations}
+    return {"final_reward": last["reward"], "final_kl": last["kl"], "iterations": iterations,
+            "skipped_records": skipped}
 
 
 @entry_point

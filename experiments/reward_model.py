@@ -24,8 +24,10 @@ import jax
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.checkpointing import CheckpointConfig
 from internlm2_jax.params_loading import load_reward, save_msgpack
-from internlm2_jax.rlhf.preference_data import pack_pairs, read_jsonl, tokenize_pairs
-from internlm2_jax.rlhf.prompts import default_reward_token_id
+from internlm2_jax.errors import ConfigValueError, EmptyDatasetError
+from internlm2_jax.jsonl import JsonlRecords
+from internlm2_jax.rlhf.preference_data import pack_pairs, read_preference_pairs, tokenize_pairs
+from internlm2_jax.rlhf.prompts import default_reward_token_id, load_tokenizer
 from internlm2_jax.rlhf.reward_model import DEFAULT_CONDITIONS
 from internlm2_jax.rlhf.reward_task import RewardModelTask, evaluate
 from internlm2_jax.rlhf.toy_tasks import TOY_CONDITIONS, CharTokenizer, toy_preference_records
@@ -36,22 +38,28 @@ from internlm2_jax.train.loop import LoopConfig, run_stage
 from internlm2_jax.train.trainer import Trainer
 
 
-def load_preferences(data: Sequence[str], tokenizer: Optional[str], conditions: Optional[dict]):
-    """(records, tokenizer, conditions, reward_token_id) for `toy:N` or JSONL paths."""
+def load_preferences(data: Sequence[str], tokenizer: Optional[str], conditions: Optional[dict],
+                     on_error: str = "raise"):
+    """(records, tokenizer, conditions, reward_token_id) for `toy:N` or JSONL paths; `records.skipped` counts
+    the bad JSONL lines left out with `on_error="skip"` (`read_preference_pairs`: `path:line:` errors; no usable
+    pair in the files is `EmptyDatasetError`, except as patches to `toy:N`, where an empty file only warns)."""
     toy = [d for d in data if d.startswith("toy:")]
     files = [d for d in data if not d.startswith("toy:")]
     if toy:  # generated pairs + any JSONL patches, all with the character tokenizer
         tok = CharTokenizer()
+        conds = conditions or TOY_CONDITIONS
+        # Patches may be empty (an online round that found nothing to fix): the toy pairs are the dataset.
+        read = read_preference_pairs(files, on_error, conds, allow_empty=True)
         records = [r for t in toy for r in toy_preference_records(int(t[4:]))]
-        records += [r for path in files for r in read_jsonl(path)]
-        return records, tok, conditions or TOY_CONDITIONS, tok.reward_id
-    from internlm2_jax.tokenizer import Tokenizer
-
+        return JsonlRecords(records + read, skipped=read.skipped, errors=read.errors), tok, conds, tok.reward_id
     if tokenizer is None:
-        raise ValueError("JSONL preference data needs train_rm.tokenizer (a sentencepiece model path)")
-    records = [r for path in data for r in read_jsonl(path)]
-    tok = Tokenizer(tokenizer)
-    return records, tok, conditions or DEFAULT_CONDITIONS, default_reward_token_id(tok)
+        raise ConfigValueError("train_rm.tokenizer=None: JSONL preference data needs a sentencepiece model path")
+    if not data:
+        raise EmptyDatasetError("train_rm.data is empty: no preference files given")
+    conds = conditions or DEFAULT_CONDITIONS
+    records = read_preference_pairs(list(data), on_error, conds)
+    tok = load_tokenizer(tokenizer)
+    return records, tok, conds, default_reward_token_id(tok)
 
 
 @gin.configurable
@@ -62,19 +70,26 @@ def train_rm(workdir: str, model: ModelConfig = gin.REQUIRED, data: Sequence[str
              token_budget: int = 16384, row_len: int = 2048, max_pairs: int = 512, epochs: int = 1,
              gamma: float = 2.0, barrier_weight: float = 0.02, eval_fraction: float = 0.1,
              mesh: MeshConfig = MeshConfig(), seed: int = 0, max_nonfinite: int = 5, checkpoint_every: int = 100,
-             checkpoint: CheckpointConfig = CheckpointConfig(), progress: bool = False) -> dict[str, Any]:
+             checkpoint: CheckpointConfig = CheckpointConfig(), progress: bool = False,
+             on_error: str = "raise") -> dict[str, Any]:
     """Trains the RM for `epochs` over token-budget batches in `workdir` (resuming if it holds checkpoints);
     returns the final held-out metrics.
 
     Runs in the one training loop: checkpoints (params, optimizer, position in the batches) every
     `checkpoint_every` steps and at the end, exact resume, SIGTERM save-and-stop; steps with a non-finite loss
     or gradient are skipped, `max_nonfinite` in a row stop the run. `reward_token_id` defaults to the
-    tokenizer's (`internlm2_jax.rlhf.prompts.default_reward_token_id`).
+    tokenizer's (`internlm2_jax.rlhf.prompts.default_reward_token_id`). A bad JSONL line stops the run with
+    `path:line: ...` (`on_error="raise"`) or is left out and counted in `skipped_records` (`"skip"`); fewer than
+    two usable pairs (one to train on, one held out) is an `EmptyDatasetError`, never an untrained RM.
     """
-    records, tok, conds, rid = load_preferences(list(data), tokenizer, conditions)
+    records, tok, conds, rid = load_preferences(list(data), tokenizer, conditions, on_error)
     rid = reward_token_id if reward_token_id is not None else rid
     names = sorted(conds)
     pairs, dropped = tokenize_pairs(records, tok, conds, rid, max_len=row_len // 2)
+    if len(pairs) < 2:  # zero training steps would save an untrained RM and exit 0
+        raise EmptyDatasetError(f"{', '.join(data)}: {len(pairs)} usable preference pairs, need at least 2 "
+                                f"({records.skipped} bad records skipped, {dropped} longer than "
+                                f"row_len // 2 = {row_len // 2} tokens dropped)")
     n_eval = max(int(len(pairs) * eval_fraction), 1)
     pack = dict(token_budget=token_budget, row_len=row_len, max_pairs=max_pairs, condition_names=names)
     train, held = list(pack_pairs(pairs[n_eval:], **pack)), list(pack_pairs(pairs[:n_eval], **pack))
@@ -90,13 +105,14 @@ def train_rm(workdir: str, model: ModelConfig = gin.REQUIRED, data: Sequence[str
     batches = iter(grain.MapDataset.source(train).repeat(epochs))
     loop_cfg = LoopConfig(num_steps=steps, log_every=1, eval_every=0, checkpoint_every=checkpoint_every,
                           max_nonfinite=max_nonfinite, progress=progress, desc="reward-model",
-                          nonfinite_advice="Lower the lr or inspect the preference data")
+                          nonfinite_advice="Lower the lr or inspect the preference data", num_steps_name="epochs × batches")
     meta = {"kind": "reward_model", "reward_token_id": int(rid), "gin": gin.config_str()}
     state, _, stopped = run_stage(workdir, trainer.abstract_state(), init, trainer.step_host, batches, loop_cfg,
                                   checkpoint=checkpoint, meta=meta)
     if stopped:
         return {"steps": int(state.step), "stopped": True}
-    result = {"steps": steps, "pairs": len(pairs), "dropped": dropped, **evaluate(model, state.params, held, names)}
+    result = {"steps": steps, "pairs": len(pairs), "dropped": dropped, "skipped_records": records.skipped,
+              **evaluate(model, state.params, held, names)}
     log = MetricsLog(workdir, resume_step=steps, tensorboard=False)
     log.write(steps, {f"eval/{k}": v for k, v in result.items()})
     log.close()

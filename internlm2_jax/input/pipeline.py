@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 import grain
 import numpy as np
 
+from internlm2_jax.errors import EmptyDatasetError
 from internlm2_jax.input import mixture, packing, sources
 
 Batch = dict[str, np.ndarray]
@@ -102,14 +103,22 @@ def open_config_source(uri: str, split: str, cfg: InputConfig) -> sources._TextS
 
 
 def document_stream(cfg: InputConfig, split: str = "train", *, shard_index: int = 0,
-                    shard_count: int = 1) -> grain.MapDataset:
-    """Text documents (str) of this shard, shuffled + mixed for "train", in order otherwise."""
+                    shard_count: int = 1, opened: list | None = None) -> grain.MapDataset:
+    """Text documents (str) of this shard, shuffled + mixed for "train", in order otherwise.
+
+    The opened sources are appended to `opened` (when given), for their skip counts. A source without a
+    document is an `EmptyDatasetError` naming it: training would otherwise wait forever for a batch.
+    """
     train = split == "train"
     per_source = {}
     for name, uri in sorted(cfg.sources.items()):
-        ds = grain.MapDataset.source(open_config_source(uri, split, cfg))
+        src = open_config_source(uri, split, cfg)
+        if opened is not None:
+            opened.append(src)
+        ds = grain.MapDataset.source(src)
         if len(ds) == 0:
-            raise ValueError(f"input source {name!r} ({uri}) has no documents for split {split!r}")
+            raise EmptyDatasetError(f"{src.describe()}: input source {name!r} ({uri}) has no documents for "
+                                    f"split {split!r}")
         if train:
             if cfg.shuffle:
                 ds = ds.shuffle(seed=mixture.source_seed(cfg.seed, name))
@@ -128,9 +137,9 @@ def local_batch_size(cfg: InputConfig, shard_count: int) -> int:
 
 def make_pretrain_dataset(cfg: InputConfig, *, tokenizer: TokenizerLike, split: str = "train",
                           shard_index: int | None = None, shard_count: int | None = None,
-                          ) -> grain.IterDataset:
+                          opened: list | None = None) -> grain.IterDataset:
     """The pipeline as a Grain IterDataset of batches {tokens, segment_ids, positions,
-    loss_mask}: int32 [global_batch_size // shard_count, seq_len]."""
+    loss_mask}: int32 [global_batch_size // shard_count, seq_len]. `opened`: see `document_stream`."""
     shard_index, shard_count = mixture.resolve_shard(shard_index, shard_count)
     batch = local_batch_size(cfg, shard_count)
     bos = tokenizer.bos_id if cfg.add_bos else None
@@ -140,7 +149,7 @@ def make_pretrain_dataset(cfg: InputConfig, *, tokenizer: TokenizerLike, split: 
         toks = packing.document_tokens(tokenizer.encode(text), bos_id=bos, eos_id=eos)
         return {"tokens": toks} if len(toks) else None
 
-    docs = document_stream(cfg, split, shard_index=shard_index, shard_count=shard_count)
+    docs = document_stream(cfg, split, shard_index=shard_index, shard_count=shard_count, opened=opened)
     read = grain.ReadOptions(num_threads=cfg.read_threads,
                              prefetch_buffer_size=cfg.prefetch_buffer_size if cfg.read_threads else 0)
     ds = docs.map(tokenize).to_iter_dataset(read)
@@ -164,10 +173,20 @@ def make_pretrain_iterator(cfg: InputConfig, *, tokenizer: TokenizerLike, split:
     `split="train"`: shuffled (if cfg.shuffle), mixed by cfg.mixture, cfg.num_epochs passes.
     Any other split: unshuffled, all sources once, finite; the last batch is padded with empty
     rows (loss_mask 0). Shards default to (jax.process_index(), jax.process_count()).
-    The iterator supports `get_state()` (JSON-serializable dict) / `set_state(state)`.
+    The iterator supports `get_state()` (JSON-serializable dict) / `set_state(state)`;
+    `skipped_records(it)` counts the bad records it has left out (`on_error="skip"`).
     """
-    return iter(make_pretrain_dataset(cfg, tokenizer=tokenizer, split=split,
-                                      shard_index=shard_index, shard_count=shard_count))
+    opened: list[sources._TextSourceBase] = []
+    it = iter(make_pretrain_dataset(cfg, tokenizer=tokenizer, split=split, shard_index=shard_index,
+                                    shard_count=shard_count, opened=opened))
+    it._input_sources = opened  # read by `skipped_records`
+    return it
+
+
+def skipped_records(it: grain.DatasetIterator) -> int:
+    """Distinct bad records left out so far by this process's iterator from `make_pretrain_iterator`
+    (`InputConfig.on_error="skip"`; 0 otherwise), for a stage's final summary (`"skipped_records"`)."""
+    return sum(src.num_bad_records for src in getattr(it, "_input_sources", ()))
 
 
 # ---- iterator state persistence ------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 Every source is a Grain `RandomAccessDataSource`: `len(src)` documents, `src[i] -> str | None`.
 `None` is only returned for a bad record when the source was opened with `on_error="skip"`
-(Grain's `to_iter_dataset` drops `None`); skips are counted in `src.num_skipped` and logged.
-With `on_error="raise"` (default) a bad record raises `BadRecordError` naming file and line.
+(Grain's `to_iter_dataset` drops `None`); skips are counted in `src.num_skipped` (every skip, every
+epoch) and `src.num_bad_records` (distinct records) and logged. With `on_error="raise"` (default) a bad
+record raises `BadRecordError` naming file and line. A source whose every record is bad raises
+`EmptyDatasetError` once it has seen them all (skipping forever would hang the training loop).
 
 Sources are described by URI strings so a gin config can name them:
 
@@ -28,7 +30,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from internlm2_jax.errors import InputDataError
+from internlm2_jax.errors import EmptyDatasetError, InputDataError
+from internlm2_jax.jsonl import MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +51,35 @@ class _TextSourceBase:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.on_error = on_error
         self.num_skipped = 0
+        self.num_bad_records = 0
+        self._bad_bits: bytearray | None = None  # one bit per record, allocated at the first skip
         self._lock = threading.Lock()
 
-    def _bad(self, where: str, why: str) -> None:
-        """Raise, or count + log a skipped record (never silent)."""
+    def describe(self) -> str:
+        """The source as the user named it (its files), for messages."""
+        paths = getattr(self, "_paths", [])
+        if not paths:
+            return type(self).__name__
+        return paths[0] + (f" (+{len(paths) - 1} more files)" if len(paths) > 1 else "")
+
+    def _bad(self, where: str, why: str, index: int) -> None:
+        """Raise, or count + log a skipped record (never silent); all records bad → `EmptyDatasetError`."""
         msg = f"{where}: {why}"
         if self.on_error == "raise":
             raise BadRecordError(msg)
         with self._lock:
             self.num_skipped += 1
             n = self.num_skipped
+            if self._bad_bits is None:
+                self._bad_bits = bytearray((len(self) + 7) // 8)
+            byte, bit = divmod(index, 8)
+            if not self._bad_bits[byte] >> bit & 1:  # distinct records: epochs revisit the same ones
+                self._bad_bits[byte] |= 1 << bit
+                self.num_bad_records += 1
+            all_bad = self.num_bad_records == len(self)
+        if all_bad:
+            raise EmptyDatasetError(f"{self.describe()}: no usable records ({self.num_bad_records} skipped, "
+                                    f"e.g. {msg})")
         if n <= 10 or n & (n - 1) == 0:  # first 10, then at powers of two
             log.warning("skipping bad record #%d: %s", n, msg)
 
@@ -88,10 +110,10 @@ def expand_paths(pattern: str | Sequence[str]) -> list[str]:
         if glob.has_magic(p):
             hits = sorted(glob.glob(p))
             if not hits:
-                raise FileNotFoundError(f"no files match {p!r}")
+                raise MissingInputError(f"no files match {p!r}")
             out.extend(hits)
         elif not os.path.isfile(p):
-            raise FileNotFoundError(f"input file not found: {p!r}")
+            raise MissingInputError(f"input file not found: {p!r}")
         else:
             out.append(p)
     return out
@@ -192,9 +214,9 @@ class JsonlSource(_SpanFileSource):
         try:
             record = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return self._bad(where, f"malformed JSON line ({e})")
+            return self._bad(where, f"malformed JSON line ({e})", index)
         if not isinstance(record, dict) or not isinstance(record.get(self.text_field), str):
-            return self._bad(where, f"record has no string field {self.text_field!r}")
+            return self._bad(where, f"record has no string field {self.text_field!r}", index)
         return record[self.text_field]
 
 
@@ -228,7 +250,7 @@ class PlainTextSource(_SpanFileSource):
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            return self._bad(where, f"invalid UTF-8 ({e})")
+            return self._bad(where, f"invalid UTF-8 ({e})", index)
 
 
 def _decode_record(record: Any, text_field: str) -> str:
@@ -267,7 +289,7 @@ class ArrayRecordSource(_TextSourceBase):
         except (ValueError, KeyError, UnicodeDecodeError) as e:
             fid = int(np.searchsorted(self._offsets, index, side="right") - 1)
             where = f"{self._paths[fid]}:record {index - int(self._offsets[fid])}"
-            return self._bad(where, f"bad record ({e})")
+            return self._bad(where, f"bad record ({e})", index)
 
 
 class TfdsSource(_TextSourceBase):
@@ -288,7 +310,11 @@ class TfdsSource(_TextSourceBase):
         try:
             return _decode_record(self._ds[index], self.text_field)
         except (ValueError, KeyError, UnicodeDecodeError) as e:
-            return self._bad(f"tfds:{self.name}[{self.split}]:record {index}", f"bad record ({e})")
+            return self._bad(f"tfds:{self.name}[{self.split}]:record {index}", f"bad record ({e})", index)
+
+    def describe(self) -> str:
+        """`tfds:name[split]`."""
+        return f"tfds:{self.name}[{self.split}]"
 
 
 def open_source(uri: str, split: str = "train", *, text_field: str = "text",

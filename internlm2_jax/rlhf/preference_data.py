@@ -10,11 +10,12 @@ prepended as the first turn, and the reward token is appended after the rendered
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
+from internlm2_jax.chat_format import render_chat
+from internlm2_jax.jsonl import JsonlRecords, read_jsonl_records
 from internlm2_jax.rlhf.reward_model import condition_prompt
 
 Message = dict[str, Any]
@@ -38,20 +39,21 @@ class PreferencePair:
     condition: Optional[str] = None
 
 
-def _turns(x: Any, role: str) -> list[Message]:
+def _turns(x: Any, role: str, field: str) -> list[Message]:
     if isinstance(x, str):
         return [{"role": role, "content": x}]
     if isinstance(x, list) and all(isinstance(m, dict) for m in x):
         return list(x)
-    raise ValueError(f"expected a string or a list of messages, got {type(x).__name__}")
+    raise ValueError(f"{field!r}: expected a string or a list of messages, got {type(x).__name__}")
 
 
 def record_conversations(record: Mapping[str, Any]) -> tuple[list[Message], list[Message]]:
     """(chosen, rejected) message lists of a record in either accepted format (no condition turn)."""
     if "chosen" not in record or "rejected" not in record:
         raise ValueError(f"preference record needs 'chosen' and 'rejected' fields, got {sorted(record)}")
-    prompt = _turns(record["prompt"], "user") if record.get("prompt") is not None else []
-    return (prompt + _turns(record["chosen"], "assistant"), prompt + _turns(record["rejected"], "assistant"))
+    prompt = _turns(record["prompt"], "user", "prompt") if record.get("prompt") is not None else []
+    return (prompt + _turns(record["chosen"], "assistant", "chosen"),
+            prompt + _turns(record["rejected"], "assistant", "rejected"))
 
 
 def conditioned(messages: Sequence[Message], condition: Optional[str], conditions: Mapping[str, str]) -> list[Message]:
@@ -86,10 +88,28 @@ def tokenize_pairs(records: Sequence[Mapping[str, Any]], tok: ChatEncoder, condi
     return pairs, dropped
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """All JSON objects of a JSONL file (blank lines skipped)."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def check_pair_record(record: Any, conditions: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
+    """`record` if it is a usable preference pair, else `ValueError` saying what is wrong: both sides render
+    as chats, and its `condition` (if any) is a string known to `conditions` (when given)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a preference pair must be a JSON object, got {type(record).__name__}")
+    for side in record_conversations(record):
+        render_chat(side)  # roles, contents, tool calls: the errors tokenization would raise, found here
+    cond = record.get("condition")
+    if cond is not None and not isinstance(cond, str):
+        raise ValueError(f"condition must be a string, got {type(cond).__name__}")
+    if cond is not None and conditions is not None and cond not in conditions:
+        raise ValueError(f"unknown reward condition {cond!r}; known: {sorted(conditions)}")
+    return record
+
+
+def read_preference_pairs(paths: Union[str, Sequence[str]], on_error: str = "raise",
+                          conditions: Optional[Mapping[str, str]] = None, *, allow_empty: bool = False) -> JsonlRecords:
+    """Checked preference records of one or more JSONL files (`internlm2_jax.jsonl.read_jsonl_records`):
+    a bad line is `InputDataError("path:line: ...")` or, with `on_error="skip"`, counted in `.skipped`;
+    no usable pair in all the files is `EmptyDatasetError` unless `allow_empty` (the caller has other pairs)."""
+    return read_jsonl_records(paths, lambda r: check_pair_record(r, conditions), on_error, what="preference pair",
+                              allow_empty=allow_empty)
 
 
 def pack_pairs(pairs: Sequence[PreferencePair], *, token_budget: int = 16384, row_len: int = 2048,

@@ -10,9 +10,11 @@ so the scorer strips the stop ids and appends `turn_end_ids(tok)` before the rew
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
-from internlm2_jax.rlhf.preference_data import read_jsonl
+from internlm2_jax.chat_format import render_chat
+from internlm2_jax.errors import InputDataError
+from internlm2_jax.jsonl import JsonlRecords, read_jsonl_records
 from internlm2_jax.rlhf.toy_tasks import CharTokenizer
 from internlm2_jax.tokenizer import RELEASED_VOCAB_SIZE, REWARD_TOKEN_ID, Tokenizer
 
@@ -20,26 +22,46 @@ AnyTokenizer = Union[Tokenizer, CharTokenizer]
 SPARE_REWARD_PIECE = "[UNUSED_TOKEN_1]"
 
 
-def prompt_record(rec: dict[str, Any]) -> dict[str, Any]:
-    """Normalizes a prompt record to `{"messages": [...], "category": str | None}`."""
+def prompt_record(rec: Any, conditions: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
+    """Normalizes a prompt record to `{"messages": [...], "category": str | None}`; `ValueError` saying what
+    is wrong for a record that is not one (checked as the chat it renders; a `category` unknown to
+    `conditions`, when given)."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"a prompt record must be a JSON object, got {type(rec).__name__}")
     if "messages" in rec:
+        if not isinstance(rec["messages"], list) or not rec["messages"]:
+            raise ValueError("'messages' must be a non-empty list of messages")
         msgs = list(rec["messages"])
     elif "prompt" in rec:
         msgs = [{"role": "user", "content": rec["prompt"]}]
     else:
         raise ValueError(f"prompt record needs 'prompt' or 'messages', got {sorted(rec)}")
-    return {"messages": msgs, "category": rec.get("category")}
+    render_chat(msgs, add_generation_prompt=True)  # roles and contents: what tokenization would reject
+    cat = rec.get("category")
+    if cat is not None and not isinstance(cat, str):
+        raise ValueError(f"category must be a string, got {type(cat).__name__}")
+    if cat is not None and conditions is not None and cat not in conditions:
+        raise ValueError(f"unknown reward condition {cat!r}; known: {sorted(conditions)}")
+    return {"messages": msgs, "category": cat}
 
 
-def read_prompts(paths: Union[str, Sequence[str]]) -> list[dict[str, Any]]:
-    """All prompt records of one or more JSONL files, normalized by `prompt_record`."""
-    paths = [paths] if isinstance(paths, str) else list(paths)
-    return [prompt_record(r) for p in paths for r in read_jsonl(p)]
+def read_prompts(paths: Union[str, Sequence[str]], on_error: str = "raise",
+                 conditions: Optional[Mapping[str, str]] = None) -> JsonlRecords:
+    """All prompt records of one or more JSONL files, normalized by `prompt_record`: a bad line is
+    `InputDataError("path:line: ...")` or, with `on_error="skip"`, counted in `.skipped`; no usable prompt in
+    all the files is `EmptyDatasetError` (`internlm2_jax.jsonl.read_jsonl_records`)."""
+    return read_jsonl_records(paths, lambda r: prompt_record(r, conditions), on_error, what="prompt")
 
 
 def load_tokenizer(spec: Optional[str]) -> AnyTokenizer:
-    """`None` / `"char"` → the toy `CharTokenizer`; else a sentencepiece model path (file or folder)."""
-    return CharTokenizer() if spec in (None, "char") else Tokenizer(spec)
+    """`None` / `"char"` → the toy `CharTokenizer`; else a sentencepiece model path (file or folder). A missing
+    or unreadable model is an `InputDataError` (one `error:` line), not a traceback."""
+    if spec in (None, "char"):
+        return CharTokenizer()
+    try:
+        return Tokenizer(spec)
+    except (OSError, ValueError) as e:
+        raise InputDataError(f"tokenizer {spec}: {e}" if str(spec) not in str(e) else str(e)) from e
 
 
 def default_reward_token_id(tok: AnyTokenizer) -> int:

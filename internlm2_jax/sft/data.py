@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from internlm2_jax.errors import EmptyDatasetError
 from internlm2_jax.sft.formats import Message
 from internlm2_jax.sft.packing import Example, _fit, bucketed_batches, make_packed_batch, pack_rows
 from internlm2_jax.tokenizer import Tokenizer
@@ -37,11 +38,24 @@ class SFTDataConfig:
     """Loss only on the final assistant turn."""
 
 
+def fitted_examples(examples: Sequence[Example], cfg: SFTDataConfig) -> list[tuple[list[int], list[bool]]]:
+    """The examples as they are trained (overlong ones truncated, or skipped with `overlong="skip"`);
+    `EmptyDatasetError` when none is left: steps over padding rows would train nothing."""
+    fitted = _fit(examples, cfg.seq_len, cfg.overlong if cfg.packing == "pack" else "truncate")
+    if not examples:
+        raise EmptyDatasetError("no conversation to train on")
+    if not fitted:
+        raise EmptyDatasetError(f"no conversation to train on: all {len(examples)} are longer than "
+                                f"SFTDataConfig.seq_len={cfg.seq_len} and SFTDataConfig.overlong='skip'")
+    return fitted
+
+
 def num_rows(examples: Sequence[Example], cfg: SFTDataConfig) -> int:
     """Rows (packing) or examples (bucketing) in one epoch; used to size "one epoch" in steps."""
+    fitted = fitted_examples(examples, cfg)
     if cfg.packing == "bucket":
-        return len(examples)
-    return len(pack_rows(_fit(examples, cfg.seq_len, cfg.overlong), cfg.seq_len))
+        return len(fitted)
+    return len(pack_rows(fitted, cfg.seq_len))
 
 
 def make_train_iterator(examples: Sequence[Example], cfg: SFTDataConfig, *, seed: int, pad_id: int) -> Any:
@@ -53,8 +67,8 @@ def make_train_iterator(examples: Sequence[Example], cfg: SFTDataConfig, *, seed
     if cfg.global_batch_size % nproc:
         raise ValueError(f"global_batch_size={cfg.global_batch_size} is not divisible by {nproc} processes")
     local = cfg.global_batch_size // nproc
+    fitted = fitted_examples(examples, cfg)
     if cfg.packing == "pack":
-        fitted = _fit(examples, cfg.seq_len, cfg.overlong)
         rows = pack_rows(fitted, cfg.seq_len)
         if len(rows) < cfg.global_batch_size:
             rows += [[]] * (cfg.global_batch_size - len(rows))  # tiny datasets: pad with empty rows

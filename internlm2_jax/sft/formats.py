@@ -29,7 +29,8 @@ import re
 from typing import Any, Optional, Sequence
 
 from internlm2_jax.chat_format import CHAT_ROLES, TOOL_NAMES, header_name
-from internlm2_jax.errors import InputDataError
+from internlm2_jax.errors import ConfigValueError, InputDataError
+from internlm2_jax.jsonl import read_jsonl_records
 from internlm2_jax.tokenizer import Tokenizer
 
 Message = dict[str, Any]
@@ -243,27 +244,13 @@ def load_conversations(path: str | os.PathLike, fmt: str = "auto", *, on_error: 
 
     `on_error="raise"` raises `FormatError("{path}:{line}: ...")` on the first bad record (bad JSON,
     unknown role, empty assistant turn, ...); `"skip"` counts it in `skipped` and keeps its message.
+    A file without one usable conversation is an `EmptyDatasetError` (see `internlm2_jax.jsonl`).
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    result = LoadResult([])
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise FormatError(f"bad JSON: {e}") from None
-                result.conversations.append(to_messages(record, fmt))
-            except FormatError as e:
-                msg = f"{os.fspath(path)}:{lineno}: {e}"
-                if on_error == "raise":
-                    raise FormatError(msg) from None
-                result.skipped += 1
-                result.errors.append(msg)
-    return result
+    if fmt != "auto" and fmt not in FORMATS:  # a config error, not one per line
+        raise ConfigValueError(f"data format {fmt!r}: expected 'auto' or one of {FORMATS}")
+    recs = read_jsonl_records(path, lambda record: to_messages(record, fmt), on_error, what="conversation",
+                              error=FormatError)
+    return LoadResult(list(recs), recs.skipped, recs.errors)
 
 
 # ---- tokenization and debugging --------------------------------------------------------------------

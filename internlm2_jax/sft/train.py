@@ -130,6 +130,7 @@ def sft_train(
     export_hf: bool = False,
     progress: bool = True,
     show_mask: int = 0,
+    on_error: str = "raise",
 ) -> dict[str, Any]:
     """Fine-tunes `model` on chat data in `workdir` (resuming if it holds checkpoints); returns the last metrics.
 
@@ -138,6 +139,8 @@ def sft_train(
     unless None). `eval_every > 0`: held-out loss during training. At the end: greedy exact match on up to
     `eval_max_examples` held-out conversations (`eval_exact_match`), and `workdir/hf` (+ tokenizer) when
     `export_hf` (LoRA merged first). `show_mask=N` only prints N training samples with `[[trained spans]]`.
+    `on_error`: a bad line of `data` / `eval_data` stops the run with `path:line: ...` ("raise") or is left out
+    and counted in the result's `skipped_records` ("skip"); no usable conversation is an `EmptyDatasetError`.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -145,18 +148,21 @@ def sft_train(
     data, eval_data, tok_path = _resolve_inputs(workdir, task, data, eval_data, tokenizer, init_from, task_sizes, seed)
     tok = Tokenizer(tok_path)
     tok.check_compatible(model.vocab_size)
-    examples, _ = load_sft_examples(data, tok, data_format, last_turn_only=data_config.last_turn_only)
+    examples, loaded = load_sft_examples(data, tok, data_format, on_error=on_error,
+                                         last_turn_only=data_config.last_turn_only)
     if show_mask:
         for ids, mask in examples[:show_mask]:
             print(render_mask(tok, ids, mask, color=os.isatty(1)) + "\n" + "-" * 60)
         return {}
-    held = load_conversations(eval_data, data_format).conversations if eval_data else []
+    held_load = load_conversations(eval_data, data_format, on_error=on_error) if eval_data else None
+    held = held_load.conversations if held_load else []
+    skipped = loaded.skipped + (held_load.skipped if held_load else 0)  # reported in the result
     if num_steps is None:
         num_steps = max(1, math.ceil(epochs * num_rows(examples, data_config) / data_config.global_batch_size))
     if warmup_ratio is not None:
         optimizer = dataclasses.replace(optimizer, warmup_steps=int(warmup_ratio * num_steps))
     optimizer = dataclasses.replace(optimizer, total_steps=num_steps)
-    log.info("SFT %s: %d conversations, %d steps", mode, len(examples), num_steps)
+    log.info("SFT %s: %d conversations (%d bad records skipped), %d steps", mode, len(examples), skipped, num_steps)
 
     m = make_mesh(mesh)
     validate(model, m, global_batch=data_config.global_batch_size, seq_len=data_config.seq_len)
@@ -177,13 +183,13 @@ def sft_train(
     meta = {"mode": mode, "seed": seed, "num_steps": num_steps, "gin": gin.config_str()}
     loop_cfg = LoopConfig(num_steps=num_steps, log_every=log_every, eval_every=eval_every,
                           checkpoint_every=checkpoint_every, progress=progress, desc=f"sft-{mode}",
-                          log_keys=LOG_KEYS)
+                          log_keys=LOG_KEYS, num_steps_name="sft_train.num_steps (or epochs)")
     init = lambda: (trainer.init_state(jax.random.key(seed)) if mode != "full"  # noqa: E731
                     else initial_state(trainer, init_from, seed))
     state, last, stopped = run_stage(workdir, trainer.abstract_state(), init, trainer.step_host, train_it, loop_cfg,
                                      checkpoint=checkpoint, evaluate=evaluate, meta=meta)
     if stopped:
-        return last
+        return {**last, "skipped_records": skipped}
     params = state.params if mode == "full" else trainer.merged_params(state.params)
     if held:
         em, pairs = exact_match(model, params, tok, held[:eval_max_examples], max_new_tokens=eval_max_new_tokens)
@@ -198,4 +204,4 @@ def sft_train(
         out = os.path.join(workdir, "hf")
         save_hf(model, jax.device_get(params), out)
         shutil.copy(tok.path, os.path.join(out, "tokenizer.model"))
-    return last
+    return {**last, "skipped_records": skipped}
