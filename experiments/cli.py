@@ -7,6 +7,7 @@ import argparse
 import errno
 import logging
 import os
+import re
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -25,6 +26,21 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "exception never retrieved": repeats a raised error
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_one_line_for_libraries)
+
+
+def _one_line_for_libraries(record: logging.LogRecord) -> bool:
+    """Library log records become one line without traceback (orbax logs every failed background write with a
+    traceback before the error reaches `run_main`, which reports it once)."""
+    if not record.name.startswith(("internlm2_jax", "experiments", "__main__")):
+        if record.exc_info or record.exc_text:
+            record.exc_info, record.exc_text = None, None
+        message = record.getMessage()
+        if "\n" in message or len(message) > 300:
+            record.msg, record.args = message.splitlines()[0][:300] + " ...", None
+    return True
 
 
 def apply_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
@@ -64,6 +80,20 @@ def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _disk_full(e: BaseException) -> Optional[str]:
+    """What was being written when the disk filled up, if `e` (or an exception it wraps: orbax and tensorstore
+    re-raise the `OSError` of a background write as their own) is a full disk; else None."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{e.filename or 'outputs'} ({e.strerror})"
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            path = re.search(r'(?:Failed writing|local file): "([^"]+)"', str(e))
+            return f"{path.group(1) if path else 'outputs'} (No space left on device)"
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
 def run_main(main: Callable[[], Optional[int]]) -> int:
     """Runs an entry point's `main`; maps outcomes to exit codes (`internlm2_jax.errors`):
 
@@ -78,11 +108,12 @@ def run_main(main: Callable[[], Optional[int]]) -> int:
     except errors.UserFacingError as e:
         say(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")  # gin appends "In call to ..."
         return e.exit_code
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as e:  # noqa: BLE001 - only a full disk is turned into one line; the rest re-raised
+        full = _disk_full(e)
+        if full is None:
             raise
-        say(f"error: disk full writing {e.filename or 'outputs'} ({e.strerror}); the previous checkpoint is "
-            "intact: free space and run the same command to resume")
+        say(f"error: disk full writing {full}; the previous checkpoint is intact: free space and run the same "
+            "command to resume")
         return errors.EXIT_DISK
     last = outcome.last()
     if last is not None:

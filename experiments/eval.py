@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import sys
 
-from experiments.cli import entry_point, parse_args
-from internlm2_jax.eval.runner import (
-    evaluate,  # registers evaluate + the suites with gin before parsing
+from experiments.cli import entry_point, parse_args, say
+from internlm2_jax.eval.runner import (  # registers evaluate + the suites with gin before parsing
+    evaluate, summary_scores,
 )
 
 
@@ -23,6 +23,11 @@ def main(argv=None) -> int:
     summary = {"workdir": args.workdir, "plots": results["plots"], "failed": failed,
                "seconds": round(results["metadata"]["total_seconds"], 1)}
     print(json.dumps(summary))
+    for name, score in summary_scores(results["suites"]).items():
+        say(f"{name:<40} {score:.3f}")
+    for name, error in failed.items():
+        say(f"suite {name} FAILED: {error.splitlines()[0][:200]}")
+    say(f"results in {args.workdir}/results.json" + (f", plots {', '.join(results['plots'])}" if results["plots"] else ""))
     return 1 if failed else 0
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any, Optional
 
@@ -63,6 +65,7 @@ class Checkpointer:
         """Saves (asynchronously unless disabled); `data_iter` is a grain iterator or a dict of them (restored in
         place by `restore`); `meta` is any JSON-able dict (config, RNG seed...), stored with the state's checksums.
         """
+        self._check_free_space(step, state)
         meta = {**(meta or {}), "integrity": integrity_meta(state)}
         args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iter is not None:
@@ -72,7 +75,19 @@ class Checkpointer:
         if step in self.unusable:
             self._set_aside(step)
         self.manager.save(step, args=ocp.args.Composite(**args), force=force)
-        log.info("checkpoint step %d saved to %s", step, self.directory)
+        log.info("saving checkpoint step %d to %s", step, self.directory)
+
+    def _check_free_space(self, step: int, state: Any) -> None:
+        """Raises `OSError(ENOSPC)` before writing when the disk cannot hold this checkpoint: a write that fails
+        half-way makes orbax's background threads print a page of tracebacks (the previous checkpoint is intact
+        either way)."""
+        if not os.path.isdir(self.directory):  # a remote path (gs://...): the store reports its own limits
+            return
+        need = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
+        free = shutil.disk_usage(self.directory).free
+        if free < need * 1.05 + (1 << 20):
+            raise OSError(errno.ENOSPC, f"No space left on device: checkpoint step {step} needs about "
+                          f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free", self.directory)
 
     def wait(self) -> None:
         """Blocks until pending async saves are committed."""

@@ -19,7 +19,7 @@ from internlm2_jax.checkpointing import Checkpointer
 from internlm2_jax.gin_setup import parse_gin
 from internlm2_jax.train.pretraining import NonFiniteLossError, train
 from internlm2_jax.train.metrics_log import read_metrics
-from internlm2_jax.train.workdir_lock import WorkdirLock
+from internlm2_jax.workdir_lock import WorkdirLock
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 TEST_GIN = os.path.join(ROOT, "tests", "configs", "pretrain_test.gin")

@@ -18,7 +18,7 @@ from internlm2_jax import errors
 from internlm2_jax.checkpoint_integrity import verify
 from internlm2_jax.checkpointing import CheckpointConfig, Checkpointer
 from internlm2_jax.train.metrics_log import DISCARDED, MetricsLog, read_metrics
-from internlm2_jax.train.workdir_lock import WorkdirLock
+from internlm2_jax.workdir_lock import WorkdirLock
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 TEST_GIN = os.path.join(ROOT, "tests", "configs", "pretrain_test.gin")

@@ -21,7 +21,7 @@ from internlm2_jax.errors import EXIT_NONFINITE, ConfigValueError, UserFacingErr
 from internlm2_jax.train import outcome
 from internlm2_jax.train.metrics_log import MetricsLog, read_metrics
 from internlm2_jax.train.trainer import Trainer
-from internlm2_jax.train.workdir_lock import WorkdirLock
+from internlm2_jax.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 
