@@ -20,9 +20,9 @@ import re
 import sys
 from typing import IO, Any, Optional, Sequence, TextIO, Union
 
-from experiments.cli import entry_point
 import jax
 
+from experiments.cli import entry_point
 from internlm2_jax.errors import ConfigValueError, InputDataError, UserFacingError
 
 DEFAULT_MAX_CONTEXT = 4096

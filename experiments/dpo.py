@@ -18,10 +18,10 @@ from typing import Any, Optional, Sequence
 
 import gin
 import grain
-from experiments.cli import entry_point
 import jax
 import numpy as np
 
+from experiments.cli import entry_point, say
 from internlm2_jax.checkpointing import CheckpointConfig
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.params_loading import load_policy
@@ -133,7 +133,11 @@ def main(argv=None) -> int:
     from experiments.cli import parse_args
 
     args = parse_args(__doc__, default_gin="rlhf/dpo_tiny.gin", argv=argv)
-    print(json.dumps({"workdir": args.workdir, **train_dpo(args.workdir)}))
+    out = train_dpo(args.workdir)
+    print(json.dumps({"workdir": args.workdir, **out}))
+    if "eval_reward_accuracy" in out:
+        say(f"DPO: held-out implicit-reward accuracy {out['eval_reward_accuracy']:.3f}, margin "
+            f"{out['eval_reward_margin']:.3f}; {out.get('skipped_records', 0)} bad records skipped")
     return 0
 
 

@@ -15,9 +15,9 @@ from typing import Optional, Sequence
 
 import gin
 
+from experiments.cli import entry_point
 from experiments.ppo import train_ppo
 from experiments.reward_model import train_rm
-from experiments.cli import entry_point
 from internlm2_jax.rlhf.online import RoundHooks, RuleChecks, run_rounds
 
 

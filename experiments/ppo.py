@@ -24,10 +24,10 @@ from typing import Any, Optional, Sequence
 
 import gin
 import grain
-from experiments.cli import entry_point
 import jax
 import numpy as np
 
+from experiments.cli import entry_point, say
 from internlm2_jax.checkpointing import CheckpointConfig
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.errors import EmptyDatasetError
@@ -164,6 +164,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     out = train_ppo(args.workdir)
     print(json.dumps({"workdir": args.workdir, **out, "wall_s": round(time.time() - t0, 1)}))
+    if "final_reward" in out:
+        say(f"final reward {out['final_reward']:.3f}, KL {out['final_kl']:.4f}; actor in {args.workdir}/checkpoints "
+            "(and actor_params.msgpack), fresh rollouts in rollouts.jsonl")
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from experiments.cli import entry_point, parse_args
+from experiments.cli import entry_point, parse_args, say
 from internlm2_jax.train.pretraining import train
 
 
@@ -14,6 +14,9 @@ def main(argv=None) -> int:
     args = parse_args(__doc__, default_gin="pretrain/tiny.gin", argv=argv)
     last = train(args.workdir)
     print(json.dumps({"workdir": args.workdir, **last}))
+    if "eval_loss" in last:
+        say(f"pretraining: eval loss {last['eval_loss']:.3f} (ppl {last['eval_ppl']:.1f}), train loss "
+            f"{last.get('loss', float('nan')):.3f}; {last.get('skipped_records', 0)} bad records skipped")
     return 0
 
 

@@ -18,9 +18,9 @@ from typing import Any, Optional, Sequence
 
 import gin
 import grain
-from experiments.cli import entry_point
 import jax
 
+from experiments.cli import entry_point, say
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.checkpointing import CheckpointConfig
 from internlm2_jax.params_loading import load_reward, save_msgpack
@@ -126,7 +126,13 @@ def main(argv=None) -> int:
     from experiments.cli import parse_args
 
     args = parse_args(__doc__, default_gin="rlhf/rm_tiny.gin", argv=argv)
-    print(json.dumps({"workdir": args.workdir, **train_rm(args.workdir)}))
+    out = train_rm(args.workdir)
+    print(json.dumps({"workdir": args.workdir, **out}))
+    if "accuracy" in out:
+        per = ", ".join(f"{k[9:]} {v:.3f}" for k, v in sorted(out.items()) if k.startswith("accuracy/"))
+        say(f"reward model: held-out pairwise accuracy {out['accuracy']:.3f}" + (f" ({per})" if per else "")
+            + f", mean margin {out['margin']:.3f}; {out.get('skipped_records', 0)} bad records skipped")
+        say(f"reward model in {args.workdir}/checkpoints (and rm_params.msgpack)")
     return 0
 
 

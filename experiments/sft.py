@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from experiments.cli import entry_point, parse_args
+from experiments.cli import entry_point, parse_args, say
 from internlm2_jax.sft.train import sft_train
 
 
@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     last = sft_train(args.workdir, show_mask=extra.show_mask)
     if not extra.show_mask:
         print(json.dumps({"workdir": args.workdir, **last}))
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith("eval_") and isinstance(v, float))
+        say(f"SFT: {scores or 'no eval'}; {last.get('skipped_records', 0)} bad records skipped")
     return 0
 
 

@@ -14,6 +14,7 @@ import jax
 from internlm2_jax.checkpointing import CheckpointConfig
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.input import InputConfig, make_pretrain_iterator
+from internlm2_jax.input.pipeline import skipped_records
 from internlm2_jax.sharding import MeshConfig, host_local_to_global, make_mesh, validate
 from internlm2_jax.tokenizer import Tokenizer
 from internlm2_jax.train.optimizer import OptimizerConfig, lr_schedule, make_optimizer
@@ -100,4 +101,4 @@ def train(
         from internlm2_jax.hf_io import save_hf
 
         save_hf(model, jax.device_get(state.params), os.path.join(workdir, "hf"))
-    return last
+    return {**last, "skipped_records": skipped_records(train_it)}
