@@ -132,7 +132,9 @@ class Checkpointer:
             if why:
                 self._unusable(s, why, step)
                 continue
-            return s, out["state"], dict(out["meta"] or {})
+            meta = dict(out["meta"] or {})
+            meta.pop("integrity", None)  # ours, not the caller's
+            return s, out["state"], meta
         for name, position in start_positions.items():
             iters[name].set_state(position)
         if steps and step is None:

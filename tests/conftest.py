@@ -42,3 +42,21 @@ SEED_ENV = "INTERNLM2_JAX_TEST_SEED"
 def seed() -> int:
     """Base seed of an outcome test (0 unless `INTERNLM2_JAX_TEST_SEED` is set)."""
     return int(os.environ.get(SEED_ENV, "0"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Entry points called in-process (`main([...])`) configure the root logger (`experiments.cli.setup_logging`);
+    put it back so one test's handlers do not print into another's captured stderr."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)

@@ -151,3 +151,22 @@ def test_disk_full_is_one_line_with_its_exit_code(capsys):
     assert cli.run_main(full) == errors.EXIT_DISK
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "disk full writing /w/checkpoints/8" in err[0]
+
+
+def test_params_only_load_verifies_checksums(tmp_path):
+    from internlm2_jax.checkpointing import load_parameters_only
+
+    big = {"params": {"w": jnp.linspace(-1.0, 1.0, 1 << 14, dtype=jnp.float32).reshape(128, 128)},
+           "step": jnp.int32(1)}
+    ckpt = Checkpointer(str(tmp_path), SYNC)
+    ckpt.save(1, big)
+    ckpt.close()
+    abstract = {"w": jax.ShapeDtypeStruct((128, 128), jnp.float32, sharding=big["params"]["w"].sharding)}
+    assert np.array_equal(load_parameters_only(str(tmp_path), abstract)["w"], big["params"]["w"])
+    data = max((os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "1" / "state") for f in fs),
+               key=os.path.getsize)
+    raw = bytearray(open(data, "rb").read())
+    raw[len(raw) // 2] ^= 0x04
+    open(data, "wb").write(raw)
+    with pytest.raises(errors.CheckpointCorruptError, match="checksum mismatch in params/w"):
+        load_parameters_only(str(tmp_path), abstract)
