@@ -21,6 +21,10 @@ from experiments.reward_model import train_rm
 from internlm2_jax.rlhf.online import RoundHooks, RuleChecks, run_rounds
 
 
+class _StageStopped(Exception):
+    """A stage saved and stopped on a signal: a half-trained RM must not feed the next PPO run."""
+
+
 @gin.configurable
 def online_rounds(workdir: str, base_data: Sequence[str] = ("toy:256",), rounds: int = 3,
                   human_data: Optional[dict] = None, top_fraction: float = 0.25, max_pairs: int = 100,
@@ -28,18 +32,23 @@ def online_rounds(workdir: str, base_data: Sequence[str] = ("toy:256",), rounds:
     """Runs the rounds with the gin-configured `train_rm` / `train_ppo`; returns the per-round summary."""
     def rm_hook(k: int, rdir: str, files: list[str]) -> str:
         out = os.path.join(rdir, "rm")
-        train_rm(out, data=files)  # base data + every earlier patch / human-labelled file
+        if train_rm(out, data=files).get("stopped"):  # base data + every earlier patch / human-labelled file
+            raise _StageStopped(out)
         return out
 
     def ppo_hook(k: int, rdir: str, rm_dir: str) -> str:
         out = os.path.join(rdir, "ppo")
-        train_ppo(out, reward="rm:" + rm_dir)  # the RM workdir (Orbax checkpoint)
+        if train_ppo(out, reward="rm:" + rm_dir).get("stopped"):  # the RM workdir (Orbax checkpoint)
+            raise _StageStopped(out)
         return os.path.join(out, "rollouts.jsonl")
 
     hooks = RoundHooks(rm_hook, ppo_hook, lambda k: list((human_data or {}).get(k, [])))
     checks = (RuleChecks(max_chars=max_chars, max_repeat_ratio=max_repeat_ratio, format_regex=format_regex),)
-    return run_rounds(hooks, list(base_data), workdir, rounds, checks=checks, top_fraction=top_fraction,
-                      max_pairs=max_pairs)
+    try:
+        return run_rounds(hooks, list(base_data), workdir, rounds, checks=checks, top_fraction=top_fraction,
+                          max_pairs=max_pairs)
+    except _StageStopped as stopped:  # SIGTERM/SIGINT inside a stage: stop the rounds; the same command resumes
+        return [{"stopped_in": str(stopped)}]
 
 
 @entry_point

@@ -60,3 +60,14 @@ def test_round_driver_threads_patches_and_human_data(tmp_path):
     assert seen[0] == ["base.jsonl", "human_0.jsonl"]
     assert seen[1][:2] == ["base.jsonl", "human_0.jsonl"] and seen[1][2].endswith("round_0/patch_pairs.jsonl")
     assert seen[1][3] == "human_1.jsonl"
+
+
+def test_a_stage_stopped_by_a_signal_stops_the_rounds(tmp_path, monkeypatch):
+    import experiments.online_rlhf as online_cli
+
+    calls = []
+    monkeypatch.setattr(online_cli, "train_rm", lambda out, data: calls.append(("rm", out)) or {"stopped": True})
+    monkeypatch.setattr(online_cli, "train_ppo", lambda out, reward: calls.append(("ppo", out)) or {})
+    out = online_cli.online_rounds(str(tmp_path), rounds=2)
+    assert [c[0] for c in calls] == ["rm"]  # a half-trained RM never feeds PPO
+    assert out == [{"stopped_in": calls[0][1]}]
