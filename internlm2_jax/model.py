@@ -219,3 +219,18 @@ def decode_step(config: ModelConfig, params: Params, cache: Cache, tokens: jax.A
     """One token per row: `tokens [batch]` at position `cache["lengths"]` → logits `[batch, vocab]`."""
     logits, cache = InternLM2(config).apply(_wrap(params), tokens[:, None], None, None, cache)
     return logits[:, 0], cache
+
+
+def extend(config: ModelConfig, params: Params, cache: Cache, tokens: jax.Array,
+           last: jax.Array) -> tuple[jax.Array, Cache]:
+    """Appends `tokens [batch, chunk]` at `cache["lengths"]` (chunked prefill) → logits `[batch, vocab]` at `last`.
+
+    `last [batch]` indexes the chunk position whose next-token logits are wanted (the last real token of a
+    right-padded chunk). Only that row goes through the output head: a 512-token chunk at vocab 92544 would
+    otherwise materialise 190 MB of logits. The returned cache's lengths advance by the full chunk; callers
+    with padding set them to the true lengths (padding slots are overwritten by later writes).
+    """
+    hidden, cache = InternLM2(config).apply(_wrap(params), tokens, None, None, cache, head=False)
+    h = hidden[jnp.arange(tokens.shape[0]), last]  # [batch, embed]
+    kernel = nn.meta.unbox(params["output"]).astype(config.compute_dtype)
+    return jnp.einsum("bd,dv->bv", h, kernel, preferred_element_type=jnp.float32), cache

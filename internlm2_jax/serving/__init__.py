@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving of InternLM2 chat models."""
