@@ -18,7 +18,10 @@ from internlm2_jax.layers.params import constrain, logical_param
 from internlm2_jax.layers.rope import rope_cos_sin
 
 Params = Any  # nested dict whose leaves are `nn.LogicallyPartitioned` (or plain arrays)
-Cache = dict[str, jax.Array]  # {"k", "v": [layers, batch, max_len, kv_heads, head_dim], "lengths": [batch]}
+Cache = dict[str, jax.Array]
+"""{"k", "v": [layers, batch, max_len, kv_heads, head_dim], "lengths": [batch]}; an int8 cache adds
+"k_scale", "v_scale": [layers, batch, max_len, kv_heads, 1] (`init_cache(dtype=jnp.int8)`)."""
+KV_KEYS = ("k", "v", "k_scale", "v_scale")
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -101,7 +104,7 @@ class InternLM2(nn.Module):
         x = constrain(x, ("batch", "length", "embed"))
 
         block = self._block_stack()
-        kv = None if cache is None else (cache["k"], cache["v"])
+        kv = None if cache is None else tuple(cache[n] for n in KV_KEYS if n in cache)
         if cfg.scan_layers:
             stack = nn.scan(
                 block,
@@ -116,7 +119,7 @@ class InternLM2(nn.Module):
         else:
             outs = []
             for i in range(cfg.num_hidden_layers):
-                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+                layer_kv = None if kv is None else tuple(t[i] for t in kv)
                 x, layer_new = block(cfg, name=f"layers_{i}")(x, cos, sin, segment_ids, layer_kv, starts)
                 outs.append(layer_new)
             new_kv = None if kv is None else tuple(jnp.stack(t) for t in zip(*outs))
@@ -130,7 +133,7 @@ class InternLM2(nn.Module):
             x = constrain(x, ("batch", "length", "vocab"))
         if cache is None:
             return x
-        return x, {"k": new_kv[0], "v": new_kv[1], "lengths": cache["lengths"] + s}
+        return x, {**dict(zip(KV_KEYS, new_kv)), "lengths": cache["lengths"] + s}
 
 
 # ---- pure-functional API ---------------------------------------------------------------------------
@@ -186,10 +189,17 @@ def hidden_states(
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
-    """Empty fixed-size KV cache: k/v `[layers, batch, max_len, kv_heads, head_dim]`, lengths `[batch]`."""
+    """Empty fixed-size KV cache: k/v `[layers, batch, max_len, kv_heads, head_dim]`, lengths `[batch]`.
+
+    `dtype=jnp.int8` stores k/v quantized (half of bf16's bytes) with fp32 scales per token and kv head.
+    """
     shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.dim_per_head)
-    dt = config.compute_dtype if dtype is None else dtype
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "lengths": jnp.zeros((batch,), jnp.int32)}
+    dt = config.compute_dtype if dtype is None else jnp.dtype(dtype)
+    cache = {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "lengths": jnp.zeros((batch,), jnp.int32)}
+    if dt == jnp.int8:
+        for name in ("k_scale", "v_scale"):  # two buffers: the engine donates each
+            cache[name] = jnp.zeros(shape[:-1] + (1,), jnp.float32)
+    return cache
 
 
 def prefill(

@@ -6,6 +6,7 @@ from typing import Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from internlm2_jax.config import ModelConfig
@@ -14,7 +15,18 @@ from internlm2_jax.layers.linear import linear
 from internlm2_jax.layers.params import constrain, logical_param
 from internlm2_jax.layers.rope import apply_rope
 
-KVCache = tuple[jax.Array, jax.Array]  # (k, v), each [batch, max_len, kv_heads, head_dim]
+KVCache = tuple[jax.Array, ...]
+"""(k, v), each `[batch, max_len, kv_heads, head_dim]`; or, int8-quantized, (k, v, k_scale, v_scale) with
+int8 k/v and fp32 scales `[batch, max_len, kv_heads, 1]` (one absmax scale per token and kv head)."""
+
+
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`x [batch, s, kv_heads, head_dim]` → (int8 values, fp32 scales `[batch, s, kv_heads, 1]`): per token and
+    head, `x ≈ q · scale` with `|x - q · scale| ≤ scale / 2 = absmax / 254`."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
+    q = jnp.round(x / jnp.where(scale > 0, scale, 1.0))
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
 
 
 def write_cache(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
@@ -69,11 +81,15 @@ class Attention(nn.Module):
                                            impl=cfg.attention_impl)
             new_cache = None
         else:
-            k_cache = write_cache(cache[0], k, cache_starts)
-            v_cache = write_cache(cache[1], v, cache_starts)
-            out = attention_core.cached_attention(q, k_cache.astype(dt), v_cache.astype(dt), cache_starts,
-                                                  impl=cfg.attention_impl)
-            new_cache = (k_cache, v_cache)
+            if len(cache) == 4:  # int8 cache: stored quantized, dequantized here one layer at a time
+                (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+                new_cache = tuple(write_cache(c, n, cache_starts) for c, n in zip(cache, (kq, vq, ks, vs)))
+                k_full = new_cache[0].astype(dt) * new_cache[2].astype(dt)
+                v_full = new_cache[1].astype(dt) * new_cache[3].astype(dt)
+            else:
+                new_cache = (write_cache(cache[0], k, cache_starts), write_cache(cache[1], v, cache_starts))
+                k_full, v_full = new_cache[0].astype(dt), new_cache[1].astype(dt)
+            out = attention_core.cached_attention(q, k_full, v_full, cache_starts, impl=cfg.attention_impl)
         out = checkpoint_name(out, "attn")
         wo = logical_param(self, "wo", init, (kvh * g, hd, d), ("heads", "head_dim", "embed"), cfg.weight_dtype)
         y = linear("bshd,hde->bse", out.astype(dt), wo.astype(dt))
