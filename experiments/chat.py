@@ -183,7 +183,7 @@ def _user_error(path: str, e: Exception) -> InputDataError:
     return InputDataError(msg if path in msg else f"{path}: {msg}")
 
 
-def _load(args: argparse.Namespace, tok_path: str) -> tuple[Any, Any, Any]:
+def load_checked(args: argparse.Namespace, tok_path: str) -> tuple[Any, Any, Any]:
     """`(tokenizer, config, params)`; a missing, bad or mismatched file becomes one `error:` line (`run_main`)."""
     from internlm2_jax import Tokenizer
 
@@ -235,7 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.max_context is not None and args.max_context <= args.max_new_tokens:
         p.error(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in --max-context "
                 f"{args.max_context}")
-    tokenizer, config, params = _load(args, tok_path)
+    tokenizer, config, params = load_checked(args, tok_path)
     positions = config.max_position_embeddings
     max_context = args.max_context or min(DEFAULT_MAX_CONTEXT, positions)
     if max_context > positions:  # allowed (RoPE extrapolates, more so with rope_scaling) but never unremarked
