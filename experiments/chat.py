@@ -204,9 +204,8 @@ def load_checked(args: argparse.Namespace, tok_path: str) -> tuple[Any, Any, Any
     return tokenizer, config, params
 
 
-@entry_point
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """`--hf` | `--checkpoint --preset [--step]`, `--tokenizer`, `--dtype` (chat and serve)."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", help="HF InternLM2 checkpoint folder")
     src.add_argument("--checkpoint", help="orbax train-state checkpoint directory (needs --preset)")
@@ -214,6 +213,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--tokenizer", help="tokenizer.model (default: inside --hf)")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")
+
+
+def tokenizer_path(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The tokenizer to load (`--tokenizer`, else the one inside `--hf`); a usage error when missing."""
+    if args.checkpoint and not args.preset:
+        p.error("--checkpoint needs --preset")
+    path = args.tokenizer or (os.path.join(args.hf, "tokenizer.model") if args.hf else None)
+    if not path or not os.path.exists(path):
+        p.error(f"tokenizer not found ({path}); pass --tokenizer")
+    return path
+
+
+@entry_point
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-context", type=int, default=None,
@@ -225,11 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.checkpoint and not args.preset:
-        p.error("--checkpoint needs --preset")
-    tok_path = args.tokenizer or (os.path.join(args.hf, "tokenizer.model") if args.hf else None)
-    if not tok_path or not os.path.exists(tok_path):
-        p.error(f"tokenizer not found ({tok_path}); pass --tokenizer")
+    tok_path = tokenizer_path(p, args)
     if args.max_new_tokens < 1:  # both checked before the (slow) model load
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.max_context is not None and args.max_context <= args.max_new_tokens:

@@ -17,19 +17,13 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from experiments.chat import DEFAULT_MAX_CONTEXT, load_checked
+from experiments.chat import DEFAULT_MAX_CONTEXT, add_model_args, load_checked, tokenizer_path
 from experiments.cli import entry_point, say, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", help="HF InternLM2 checkpoint folder")
-    src.add_argument("--checkpoint", help="orbax train-state checkpoint directory (needs --preset)")
-    p.add_argument("--preset", help="model preset of --checkpoint")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--tokenizer", help="tokenizer.model (default: inside --hf)")
-    p.add_argument("--dtype", default="bfloat16", help="compute dtype")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="id in /v1/models (default: the folder's name)")
@@ -53,11 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    if args.checkpoint and not args.preset:
-        p.error("--checkpoint needs --preset")
-    tok_path = args.tokenizer or (os.path.join(args.hf, "tokenizer.model") if args.hf else None)
-    if not tok_path or not os.path.exists(tok_path):
-        p.error(f"tokenizer not found ({tok_path}); pass --tokenizer")
+    tok_path = tokenizer_path(p, args)
     import uvicorn
 
     from internlm2_jax.serving.engine import Engine, EngineConfig
