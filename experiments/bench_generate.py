@@ -1,9 +1,15 @@
 """Decode throughput of `generate` (sort-free sampler) vs the sort-based sampler it replaced, on CPU.
 
-    python -m experiments.bench_generate                  # fp32 and bf16, about 2.5 min on 2 CPU cores
-    python -m experiments.bench_generate --quick          # fp32 only, fewer rounds (about 1 min)
+    python -m experiments.bench_generate                  # fp32 and bf16, about 2 min on 2 CPU cores
+    python -m experiments.bench_generate --quick          # fp32 only, fewer rounds (about 40 s)
     python -m experiments.bench_generate --head_scale 1   # the random-init model's near-uniform logits
-    python -m experiments.bench_generate --easydel /tmp/edvenv/bin/python   # + EasyDeL 0.3.0 as a peer
+    python -m experiments.bench_generate --easydel /tmp/edvenv/bin/python   # + EasyDeL, ~3 min more per dtype
+
+EasyDeL (a JAX LLM library) is an optional peer: `--easydel` names the python of a separate venv holding
+`easydel==0.3.0` (it pins other jax/flax versions; never install it into this project's venv), e.g.
+`python3 -m venv /tmp/edvenv && /tmp/edvenv/bin/pip install easydel==0.3.0 pillow torch` (its import needs
+both). Its InternLM2 of the same shape and head scaling runs its `model.generate` in a subprocess; ms per
+step there is (t(64) - t(8)) / 56.
 
 Model: a 19.7M-parameter InternLM2 (the `tiny` preset widened: vocab 92544, hidden 104, 4 layers, heads 4/2),
 batch 8, 64-token prompts, 64 new tokens, no stop ids. A random-init model's next-token distribution is nearly
@@ -175,7 +181,7 @@ def easydel_worker(dtype: str, head_scale: float) -> None:
     dt = jnp.dtype(dtype)
     model = InternLM2ForCausalLM(config=InternLM2Config(**MODEL, bias=False), dtype=dt, param_dtype=jnp.float32,
                                  rngs=nnx.Rngs(0))
-    model.output.kernel.value = model.output.kernel.value * head_scale
+    model.output.kernel.value = model.output.kernel.value * head_scale  # (a deprecation warning in flax 0.12)
     model.generation_config = GenerationConfig(pad_token_id=0, eos_token_id=-5, bos_token_id=1)
     ids = jnp.asarray(np.random.default_rng(0).integers(3, MODEL["vocab_size"], (BATCH, PROMPT)), jnp.int32)
     out = {}

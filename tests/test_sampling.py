@@ -12,12 +12,12 @@ import pytest
 
 from internlm2_jax import get_preset, init_params
 from internlm2_jax.generate import _generate_jit, _knobs, _stop_array
-from internlm2_jax.sampling import kept_mask, sample_logits, sample_rows
+from internlm2_jax.sampling import BLOCK, CANDIDATE_BLOCKS, kept_mask, sample_logits, sample_rows
 
 # (vocab, block, max_blocks): the real vocabulary with the default blocks; a small one whose blocks and
 # candidate budget are scaled down so peaked rows search a few gathered blocks and flat rows first narrow
 # over the whole vocabulary; a vocabulary that is not a multiple of the block; one of only a few blocks.
-SHAPES = [(92544, 128, 64), (2048, 16, 8), (1000, 16, 8), (37, 8, 2)]
+SHAPES = [(92544, BLOCK, CANDIDATE_BLOCKS), (2048, 16, 8), (1000, 16, 8), (37, 8, 2)]
 T = np.array([1.0, 1.0, 0.7, 2.0, 0.0, 1.0, 1.0, 1.3, 1.0, 0.5], np.float32)
 K = np.array([0, 5, 50, 0, 3, 1, 20, 0, 10**6, 7], np.int32)
 P = np.array([0.9, 1.0, 0.5, 0.3, 0.9, 0.9, 0.95, 1.0, 0.0, 0.8], np.float32)
@@ -81,7 +81,8 @@ def test_kept_set_all_ties():
     check_kept(got, x, t, k, p)
 
 
-@pytest.mark.parametrize("v,block,max_blocks,scale", [(64, 8, 2, 1.5), (2048, 16, 8, 0.7), (92544, 128, 64, 6.0)])
+@pytest.mark.parametrize("v,block,max_blocks,scale",
+                         [(64, 8, 2, 1.5), (2048, 16, 8, 0.7), (92544, BLOCK, CANDIDATE_BLOCKS, 6.0)])
 def test_draw_frequencies_match_renormalised_distribution(v, block, max_blocks, scale):
     rng = np.random.default_rng(1)
     row = (rng.normal(size=v) * scale).astype(np.float32)
