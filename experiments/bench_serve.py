@@ -29,7 +29,6 @@ import asyncio
 import glob
 import json
 import os
-import socket
 import statistics
 import tempfile
 import threading
@@ -43,12 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-import uvicorn
 
 from internlm2_jax import Tokenizer, get_preset, init_params, save_hf_llama
 from internlm2_jax.data.tokenizer_training import train_tokenizer
 from internlm2_jax.generate import generate_stream
 from internlm2_jax.model import decode_step, init_cache, param_count
+from internlm2_jax.serving.background import BackgroundServer
 from internlm2_jax.serving.engine import Engine, EngineConfig, SamplingParams
 from internlm2_jax.serving.server import ServerConfig, create_app
 
@@ -101,17 +100,11 @@ class ServerPath:
     def __init__(self, config, params, tok, texts: list[str], ids: list[list[int]], args: argparse.Namespace):
         ec = EngineConfig(slots=args.slots or args.clients, max_len=args.max_len, max_queue=max(64, args.clients),
                           log_every_s=1e9)
-        self.engine, sock = Engine(config, params, ec, vocab_limit=tok.vocab_size).start(), socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        app = create_app(self.engine, tok, ServerConfig(model_name="bench"))
-        self.uvicorn = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
-        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        while not self.uvicorn.started:
-            time.sleep(0.01)
+        self.engine = Engine(config, params, ec, vocab_limit=tok.vocab_size).start()
+        self.server = BackgroundServer(create_app(self.engine, tok, ServerConfig(model_name="bench")))
         self.texts, self.ids, self.max_tokens, self.loop = texts, ids, args.max_tokens, asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=600,
+        self.http = httpx.AsyncClient(base_url=self.server.url, timeout=600,
                                       limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
 
     async def _one(self, text: str) -> tuple[int, Trace]:
@@ -148,8 +141,7 @@ class ServerPath:
 
     def close(self) -> None:
         self.loop.run_until_complete(self.http.aclose())
-        self.uvicorn.should_exit = True
-        self.thread.join(10)
+        self.server.close()
         self.engine.stop()
 
 

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.model import decode_step, prefill
-from internlm2_jax.sampling import apply_repetition_penalty, sample_logits  # noqa: F401 (re-exported)
+from internlm2_jax.sampling import apply_repetition_penalty, mask_vocab, sample_logits  # noqa: F401 (re-exported)
 
 PROMPT_BUCKET = 16
 STREAM_CACHE_BUCKET = 256
@@ -43,10 +43,7 @@ def _knobs(temperature: float, top_k: int, top_p: float, repetition_penalty: flo
 
 def _prepare(logits: jax.Array, seen: jax.Array, knobs: dict[str, jax.Array]) -> jax.Array:
     """Repetition penalty, then ids >= `vocab_limit` (tokenizer smaller than the embedding) masked out."""
-    logits = apply_repetition_penalty(logits, seen, knobs["repetition_penalty"])
-    ids = jnp.arange(logits.shape[-1])
-    limit = knobs["vocab_limit"]
-    return jnp.where((limit < 0) | (ids < limit), logits, jnp.finfo(jnp.float32).min)
+    return mask_vocab(apply_repetition_penalty(logits, seen, knobs["repetition_penalty"]), knobs["vocab_limit"])
 
 
 def _next_tokens(last: jax.Array, seen: jax.Array, knobs: dict[str, jax.Array], rng: jax.Array) -> jax.Array:

@@ -32,6 +32,14 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float 
     return jnp.where(seen, logits * jnp.where(logits > 0, 1.0 / jnp.float32(penalty), jnp.float32(penalty)), logits)
 
 
+def mask_vocab(logits: jax.Array, limit: int | jax.Array) -> jax.Array:
+    """Logits `[B, V]` with ids >= `limit` (a tokenizer smaller than the embedding) never sampled; `limit < 0`
+    keeps every id."""
+    limit = jnp.asarray(limit, jnp.int32)
+    ids = jnp.arange(logits.shape[-1])
+    return jnp.where((limit < 0) | (ids < limit), logits, jnp.finfo(jnp.float32).min)
+
+
 def _blocks(logits: jax.Array, block: int) -> jax.Array:
     """`[B, V]` → fp32 `[B, ceil(V / block), block]`, padded with -inf, materialised once (the barrier: else XLA
     recomputes the producer, e.g. `generate`'s penalty, in every consumer: ~0.5 ms per step at vocab 92544)."""

@@ -20,11 +20,11 @@ import httpx
 import jax
 import openai
 import pytest
-import uvicorn
 
 from internlm2_jax import Tokenizer, get_preset, init_params
 from internlm2_jax.data.tokenizer_training import train_tokenizer
 from internlm2_jax.generate import generate
+from internlm2_jax.serving.background import BackgroundServer
 from internlm2_jax.serving.engine import Engine, EngineConfig, Event, QueueFull, SamplingParams
 from internlm2_jax.serving.server import ServerConfig, create_app
 
@@ -35,25 +35,11 @@ CFG = get_preset("tiny", vocab_size=384, hidden_size=64, intermediate_size=160, 
 QUESTIONS = [f"question {i}: how are you {'today ' * (i % 5)}?" for i in range(16)]
 
 
-class Served:
-    """A uvicorn server in a thread on a free loopback port."""
-
-    def __init__(self, app: Any):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
+class Served(BackgroundServer):
+    """The app on a free loopback port, with an `openai` client factory."""
 
     def client(self, **kw: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

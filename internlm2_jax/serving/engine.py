@@ -35,7 +35,7 @@ import numpy as np
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.model import decode_step, extend, init_cache
-from internlm2_jax.sampling import sample_rows
+from internlm2_jax.sampling import mask_vocab, sample_rows
 from internlm2_jax.sft.quantize import IN_NDIM, dequantize, is_quantized, quantize_base
 
 log = logging.getLogger(__name__)
@@ -126,14 +126,16 @@ class Request:
     cancelled: bool = False
     generated: int = 0
     prefilled: int = 0
+    last: int = 0  # the newest token: the next decode step's input
     key: Optional[np.ndarray] = None
 
     def cancel(self) -> None:
         self.cancelled = True
 
 
-def _round_chunk(n: int, cap: int) -> int:
-    return min(cap, max(MIN_CHUNK, 1 << (max(n, 1) - 1).bit_length()))
+def _pow2_bucket(n: int, lo: int, hi: int) -> int:
+    """The smallest power of two >= `n`, within [lo, hi] (prefill chunks and decode windows)."""
+    return min(hi, max(lo, 1 << (max(n, 1) - 1).bit_length()))
 
 
 class Engine:
@@ -153,15 +155,7 @@ class Engine:
         self.vocab_limit = config.vocab_size if vocab_limit is None else int(vocab_limit)
         cache = init_cache(config, engine.slots, engine.max_len, jnp.int8 if engine.kv_cache == "int8" else None)
         self._kv = {n: a for n, a in cache.items() if n != "lengths"}
-        s = engine.slots
-        self._lengths = np.zeros(s, np.int32)
-        self._tokens = np.zeros(s, np.int32)
-        self._keys = np.zeros((s, 2), np.uint32)
-        self._counts = np.zeros(s, np.int32)
-        self._temp = np.zeros(s, np.float32)
-        self._top_k = np.zeros(s, np.int32)
-        self._top_p = np.ones(s, np.float32)
-        self._slot_req: list[Optional[Request]] = [None] * s
+        self._slot_req: list[Optional[Request]] = [None] * engine.slots
         self._queue: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
@@ -177,10 +171,6 @@ class Engine:
     def _plain(self, params: Any) -> Any:
         return jax.tree.map(dequantize, params, is_leaf=is_quantized)
 
-    def _mask(self, logits: jax.Array) -> jax.Array:
-        ids = jnp.arange(logits.shape[-1])
-        return jnp.where(ids < self.vocab_limit, logits, jnp.finfo(jnp.float32).min)
-
     def _prefill_impl(self, params, kv, slot, start, tokens, n_valid, key, count, temp, top_k, top_p):
         """Writes `tokens [1, C]` (first `n_valid` real) into `slot` at `start`; samples the next token."""
         rows = {n: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=1) for n, a in kv.items()}
@@ -189,7 +179,7 @@ class Engine:
         kv = {n: jax.lax.dynamic_update_slice_in_dim(a, cache[n].astype(a.dtype), slot, axis=1)
               for n, a in kv.items()}
         keys = jax.random.fold_in(jax.random.wrap_key_data(key), count)[None]
-        tok = sample_rows(self._mask(logits), keys, temp[None], top_k[None], top_p[None])
+        tok = sample_rows(mask_vocab(logits, self.vocab_limit), keys, temp[None], top_k[None], top_p[None])
         return tok[0], kv
 
     def _decode_impl(self, params, kv, lengths, tokens, keys, counts, temp, top_k, top_p, *, window):
@@ -202,7 +192,7 @@ class Engine:
         logits, cache = decode_step(self.config, self._plain(params), {**part, "lengths": lengths}, tokens)
         keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), counts)
         kv = {n: jax.lax.dynamic_update_slice_in_dim(a, cache[n], 0, axis=2) for n, a in kv.items()}
-        return sample_rows(self._mask(logits), keys, temp, top_k, top_p), kv
+        return sample_rows(mask_vocab(logits, self.vocab_limit), keys, temp, top_k, top_p), kv
 
     # ---- public API ------------------------------------------------------------------------------------
 
@@ -305,7 +295,6 @@ class Engine:
                     req.sink(Event(finish_reason="cancelled"))
                     continue
                 self._slot_req[i] = req
-                self._lengths[i] = 0
 
     def _step(self) -> None:
         for i, r in enumerate(self._slot_req):  # cancellations free their slots first
@@ -323,7 +312,7 @@ class Engine:
         req = self._slot_req[i]
         n = min(len(req.prompt) - req.prefilled, self.engine.prefill_chunk)
         # The padded chunk must end inside the cache: a write past it would be clamped onto earlier rows.
-        size = min(_round_chunk(n, self.engine.prefill_chunk), self.engine.max_len - req.prefilled)
+        size = min(_pow2_bucket(n, MIN_CHUNK, self.engine.prefill_chunk), self.engine.max_len - req.prefilled)
         chunk = np.zeros((1, size), np.int32)
         chunk[0, :n] = req.prompt[req.prefilled:req.prefilled + n]
         s = req.sampling
@@ -331,30 +320,40 @@ class Engine:
             self.params, self._kv, np.int32(i), np.int32(req.prefilled), chunk, np.int32(n), req.key,
             np.int32(0), np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p))
         req.prefilled += n
-        self._lengths[i] = req.prefilled
         if req.prefilled == len(req.prompt):
-            self._keys[i], self._counts[i] = req.key, 1
-            self._temp[i], self._top_k[i], self._top_p[i] = s.temperature, s.top_k, s.top_p
             self._emit(i, int(tok))
 
+    def _slot_arrays(self) -> dict[str, np.ndarray]:
+        """The decode step's per-slot inputs, read off the slots' requests. A decoding request has its prompt and
+        all but its newest token in the cache, and draws its n-th token with `fold_in(key, n - 1)`. Idle and
+        prefilling slots are greedy (no sampling work) and write one junk row at their length, overwritten later."""
+        s = self.engine.slots
+        a = {"lengths": np.zeros(s, np.int32), "tokens": np.zeros(s, np.int32), "keys": np.zeros((s, 2), np.uint32),
+             "counts": np.zeros(s, np.int32), "temp": np.zeros(s, np.float32), "top_k": np.zeros(s, np.int32),
+             "top_p": np.ones(s, np.float32)}
+        for i, r in enumerate(self._slot_req):
+            if r is None:
+                continue
+            a["lengths"][i] = r.prefilled + max(r.generated - 1, 0)
+            if r.generated:
+                a["tokens"][i], a["keys"][i], a["counts"][i] = r.last, r.key, r.generated
+                a["temp"][i], a["top_k"][i], a["top_p"][i] = r.sampling.temperature, r.sampling.top_k, r.sampling.top_p
+        return a
+
     def _decode_all(self, decoding: list[int]) -> None:
-        # Idle and prefilling slots write one junk row at their length too (overwritten later): in the window.
-        longest = int(self._lengths.max()) + 1
-        window = min(self.engine.max_len, max(MIN_WINDOW, 1 << (longest - 1).bit_length()))
-        toks, self._kv = self._decode(
-            self.params, self._kv, self._lengths, self._tokens, self._keys, self._counts,
-            self._temp, self._top_k, self._top_p, window=window)
+        a = self._slot_arrays()
+        window = _pow2_bucket(int(a["lengths"].max()) + 1, MIN_WINDOW, self.engine.max_len)
+        toks, self._kv = self._decode(self.params, self._kv, a["lengths"], a["tokens"], a["keys"], a["counts"],
+                                      a["temp"], a["top_k"], a["top_p"], window=window)
         toks = np.asarray(toks)
         for i in decoding:
-            self._lengths[i] += 1
-            self._counts[i] += 1
             self._emit(i, int(toks[i]))
 
     def _emit(self, i: int, tok: int) -> None:
         req = self._slot_req[i]
         req.generated += 1
+        req.last = tok
         self._done_tokens += 1
-        self._tokens[i] = tok
         req.sink(Event(token=tok))
         if tok in req.sampling.stop_ids:
             self._finish(i, "stop")
@@ -365,8 +364,6 @@ class Engine:
         req = self._slot_req[i]
         with self._cond:
             self._slot_req[i] = None
-            self._lengths[i] = 0
-            self._temp[i] = 0.0  # an idle slot samples greedily: no sampling work for it
         req.sink(Event(finish_reason=reason, error=error))
 
     def _maybe_log(self) -> None:

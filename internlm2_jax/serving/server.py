@@ -100,10 +100,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig = Serv
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ApiError(400, f"'seed' must be an integer, got {seed!r}", param="seed")
-        s = SamplingParams(max_tokens=max_tokens, temperature=_number(body, "temperature", float, 1.0),
-                           top_p=_number(body, "top_p", float, 1.0), top_k=_number(body, "top_k", int, 0),
-                           stop_ids=() if body.get("ignore_eos") else stop_ids, seed=seed)
-        return s
+        return SamplingParams(max_tokens=max_tokens, temperature=_number(body, "temperature", float, 1.0),
+                              top_p=_number(body, "top_p", float, 1.0), top_k=_number(body, "top_k", int, 0),
+                              stop_ids=() if body.get("ignore_eos") else stop_ids, seed=seed)
 
     async def parse(http: HttpRequest) -> dict:
         try:
@@ -161,9 +160,12 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig = Serv
             log.info("%s %s prompt=%d completion=%d finish=%s ttft=%s total=%.3fs", rid, kind, len(prompt),
                      len(stream.ids), reason, ttft, time.monotonic() - t0)
 
-        def chunk(delta: Optional[str], reason: Optional[str] = None, calls: Optional[list] = None) -> str:
+        def chunk(delta: Optional[str], reason: Optional[str] = None, calls: Optional[list] = None,
+                  first: bool = False) -> str:
             if kind == "chat":
-                d: dict[str, Any] = {} if delta is None else {"content": delta}
+                d: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+                if delta is not None:
+                    d["content"] = delta
                 if calls:
                     d["tool_calls"] = [{"index": n, **c} for n, c in enumerate(calls)]
                 choice = {"index": 0, "delta": d, "finish_reason": reason, "logprobs": None}
@@ -187,7 +189,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig = Serv
                 reason = "cancelled"
                 try:
                     if kind == "chat":
-                        yield chunk(None).replace('"delta": {}', '"delta": {"role": "assistant", "content": ""}')
+                        yield chunk(None, first=True)
                     async for ev in events():
                         if ev.token is not None:
                             delta = stream.push(ev.token)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 from internlm2_jax.tokenizer import Tokenizer
 
@@ -65,5 +65,6 @@ class TextStream:
         delta, self.shown = content[len(self.shown):], content
         return delta
 
-    def full_content(self) -> Optional[str]:
+    def full_content(self) -> str:
+        """All of the content (cut at a stop string), whatever was shown so far."""
         return self._content()[0]
