@@ -70,6 +70,7 @@ class InternLM2(nn.Module):
         segment_ids: Optional[jax.Array] = None,
         cache: Optional[Cache] = None,
         head: bool = True,
+        logits_at: Optional[jax.Array] = None,
     ):
         """Runs the decoder.
 
@@ -79,6 +80,8 @@ class InternLM2(nn.Module):
           segment_ids: int `[batch, seq]`; documents with different ids never attend to each other.
           cache: from `init_cache`; the new tokens are appended at `cache["lengths"]`.
           head: False returns the final-normed hidden states `[batch, seq, embed]` instead of logits.
+          logits_at: int `[batch]`: only that position of each row goes on (output seq 1), so the head does not
+            produce logits nobody reads (chunked prefill wants the last real token's).
         Returns:
           logits `[batch, seq, vocab]` fp32 (or hidden states), and the updated cache when given one.
         """
@@ -125,6 +128,8 @@ class InternLM2(nn.Module):
             new_kv = None if kv is None else tuple(jnp.stack(t) for t in zip(*outs))
 
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="norm")(x)
+        if logits_at is not None:
+            x = x[jnp.arange(b), logits_at][:, None]
         if head:
             kernel = logical_param(self, "output", nn.initializers.normal(cfg.initializer_range),
                                    (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.weight_dtype)
@@ -240,7 +245,5 @@ def extend(config: ModelConfig, params: Params, cache: Cache, tokens: jax.Array,
     otherwise materialise 190 MB of logits. The returned cache's lengths advance by the full chunk; callers
     with padding set them to the true lengths (padding slots are overwritten by later writes).
     """
-    hidden, cache = InternLM2(config).apply(_wrap(params), tokens, None, None, cache, head=False)
-    h = hidden[jnp.arange(tokens.shape[0]), last]  # [batch, embed]
-    kernel = nn.meta.unbox(params["output"]).astype(config.compute_dtype)
-    return jnp.einsum("bd,dv->bv", h, kernel, preferred_element_type=jnp.float32), cache
+    logits, cache = InternLM2(config).apply(_wrap(params), tokens, None, None, cache, logits_at=last)
+    return logits[:, 0], cache

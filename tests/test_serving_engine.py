@@ -162,3 +162,19 @@ def test_int8_kv_cache_tracks_the_float_model(params):
         assert reason == "length" and len(out) == 8
     finally:
         eng.stop()
+
+
+def test_extend_in_chunks_equals_the_full_forward(params):
+    """Chunked prefill (`model.extend`, logits only at `last`) against one full forward pass."""
+    import jax.numpy as jnp
+
+    from internlm2_jax.model import extend, forward, init_cache
+
+    tokens = jnp.asarray([PROMPTS[1]])  # 45 tokens: chunks of 16, 16 and 13 (+3 padding)
+    want = forward(CFG, params, tokens)[0]
+    cache = init_cache(CFG, 1, 64)
+    for start, n in ((0, 16), (16, 16), (32, 13)):
+        chunk = jnp.zeros((1, 16), jnp.int32).at[0, :n].set(tokens[0, start:start + n])
+        logits, cache = extend(CFG, params, cache, chunk, jnp.asarray([n - 1]))
+        cache = {**cache, "lengths": jnp.asarray([start + n])}
+        np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(want[start + n - 1]), rtol=1e-4, atol=1e-4)
