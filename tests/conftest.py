@@ -23,22 +23,39 @@ import gc  # noqa: E402
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _release_compiled_programs():
-    """Drop every compiled program after each test module.
-
-    XLA:CPU maps each executable's code into memory regions of its own, and a worker that keeps the
-    programs of hundreds of tests alive crosses Linux's 65530 mappings per process (`vm.max_map_count`);
-    the next compile then aborts or segfaults inside LLVM. Measured: the serving tests alone leave ~16k.
-    """
-    yield
+def _release_compiled_programs() -> None:
     import jax
     jax.clear_caches()
     gc.collect()
 
-# The released InternLM2 tokenizer files (third-party data, never committed): `.ci/run` points this at
-# ../shared/internlm2 when that folder exists; tests that need them skip with this reason otherwise.
-ASSETS_ENV = "INTERNLM2_ASSETS"
+
+def _memory_mappings() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux: no per-process mapping limit to watch
+        return 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_programs_after_module():
+    """Drop every compiled program after each test module.
+
+    XLA:CPU maps each executable's code into memory regions of its own, and a worker that keeps the
+    programs of hundreds of tests alive crosses Linux's 65530 mappings per process (`vm.max_map_count`);
+    the next compile then aborts or segfaults inside LLVM (the CI crashes of 2026-12-01/02). Measured: the
+    serving tests alone leave ~16k mappings; with this, a CI worker peaked at 43k.
+    """
+    yield
+    _release_compiled_programs()
+
+
+@pytest.fixture(autouse=True)
+def _release_programs_when_mappings_pile_up():
+    """Within a module too, once a test leaves more than 20k mappings (a module of whole training runs)."""
+    yield
+    if _memory_mappings() > 20_000:
+        _release_compiled_programs()
 
 
 @pytest.fixture(scope="session")
