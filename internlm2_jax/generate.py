@@ -137,7 +137,7 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
     return result
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
 def _stream_step(config: ModelConfig, params: Any, cache: Any, last: jax.Array, seen: jax.Array,
                  rng: jax.Array, knobs: dict[str, jax.Array]):
     """Samples one token per row from `last [B, V]`, then feeds it through `decode_step`."""

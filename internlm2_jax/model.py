@@ -38,12 +38,13 @@ class DecoderBlock(nn.Module):
     """Pre-norm block: `h = x + attn(attention_norm(x))`; `out = h + ffn(ffn_norm(h))`."""
 
     config: ModelConfig
+    kv_window: Optional[int] = None
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids, cache, cache_starts):
         cfg = self.config
         norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
-        attn, new_cache = Attention(cfg, name="attention")(
+        attn, new_cache = Attention(cfg, self.kv_window, name="attention")(
             RMSNorm(**norm, name="attention_norm")(x), cos, sin, segment_ids, cache, cache_starts)
         h = x + attn
         out = h + FeedForward(cfg, name="feed_forward")(RMSNorm(**norm, name="ffn_norm")(h))
@@ -71,6 +72,7 @@ class InternLM2(nn.Module):
         cache: Optional[Cache] = None,
         head: bool = True,
         logits_at: Optional[jax.Array] = None,
+        kv_window: Optional[int] = None,
     ):
         """Runs the decoder.
 
@@ -82,6 +84,8 @@ class InternLM2(nn.Module):
           head: False returns the final-normed hidden states `[batch, seq, embed]` instead of logits.
           logits_at: int `[batch]`: only that position of each row goes on (output seq 1), so the head does not
             produce logits nobody reads (chunked prefill wants the last real token's).
+          kv_window: static; attention reads only the cache's first `kv_window` positions (every row's
+            `lengths` must be below it), so a decode step costs what the longest row uses, not `max_len`.
         Returns:
           logits `[batch, seq, vocab]` fp32 (or hidden states), and the updated cache when given one.
         """
@@ -117,13 +121,13 @@ class InternLM2(nn.Module):
                          nn.broadcast),
                 length=cfg.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, name="layers")
+            )(cfg, kv_window, name="layers")
             x, new_kv = stack(x, cos, sin, segment_ids, kv, starts)
         else:
             outs = []
             for i in range(cfg.num_hidden_layers):
                 layer_kv = None if kv is None else tuple(t[i] for t in kv)
-                x, layer_new = block(cfg, name=f"layers_{i}")(x, cos, sin, segment_ids, layer_kv, starts)
+                x, layer_new = block(cfg, kv_window, name=f"layers_{i}")(x, cos, sin, segment_ids, layer_kv, starts)
                 outs.append(layer_new)
             new_kv = None if kv is None else tuple(jnp.stack(t) for t in zip(*outs))
 
@@ -138,7 +142,19 @@ class InternLM2(nn.Module):
             x = constrain(x, ("batch", "length", "vocab"))
         if cache is None:
             return x
-        return x, {**dict(zip(KV_KEYS, new_kv)), "lengths": cache["lengths"] + s}
+        return x, _append(cache, new_kv, s)
+
+
+def _append(cache: Cache, new_kv: tuple[jax.Array, ...], s: int) -> Cache:
+    """Writes every layer's new entries `[layers, batch, s, ...]` at positions `lengths[b]` onward in one
+    scatter: in place when the cache is donated or a loop carry (no layer's cache is copied). Positions past
+    the cache's end are dropped (a padded chunk's tail)."""
+    b = cache["lengths"].shape[0]
+    rows = jnp.arange(b)[:, None]
+    pos = cache["lengths"][:, None] + jnp.arange(s)[None]
+    out = {n: cache[n].at[:, rows, pos].set(new.astype(cache[n].dtype), mode="drop")
+           for n, new in zip(KV_KEYS, new_kv)}
+    return {**out, "lengths": cache["lengths"] + s}
 
 
 # ---- pure-functional API ---------------------------------------------------------------------------
@@ -230,9 +246,13 @@ def prefill(
     return logits, cache
 
 
-def decode_step(config: ModelConfig, params: Params, cache: Cache, tokens: jax.Array) -> tuple[jax.Array, Cache]:
-    """One token per row: `tokens [batch]` at position `cache["lengths"]` → logits `[batch, vocab]`."""
-    logits, cache = InternLM2(config).apply(_wrap(params), tokens[:, None], None, None, cache)
+def decode_step(config: ModelConfig, params: Params, cache: Cache, tokens: jax.Array,
+                kv_window: Optional[int] = None) -> tuple[jax.Array, Cache]:
+    """One token per row: `tokens [batch]` at position `cache["lengths"]` → logits `[batch, vocab]`.
+
+    `kv_window` (static): read only the cache's first positions, see `InternLM2.__call__`."""
+    logits, cache = InternLM2(config).apply(_wrap(params), tokens[:, None], None, None, cache,
+                                            kv_window=kv_window)
     return logits[:, 0], cache
 
 

@@ -29,13 +29,6 @@ def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(q, -127, 127).astype(jnp.int8), scale
 
 
-def write_cache(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """Writes `new [batch, s, kv, d]` into `cache [batch, T, kv, d]` at per-row offsets `starts [batch]`."""
-    def one(c, n, s):
-        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0))
-    return jax.vmap(one)(cache, new, starts)
-
-
 class Attention(nn.Module):
     """Multi-head attention with GQA.
 
@@ -45,6 +38,8 @@ class Attention(nn.Module):
     """
 
     config: ModelConfig
+    kv_window: Optional[int] = None
+    """With a cache: read only its first `kv_window` positions (every row's start must lie below it)."""
 
     @nn.compact
     def __call__(
@@ -56,10 +51,12 @@ class Attention(nn.Module):
         cache: Optional[KVCache] = None,
         cache_starts: Optional[jax.Array] = None,
     ) -> tuple[jax.Array, Optional[KVCache]]:
-        """`x [batch, seq, embed]` → (`[batch, seq, embed]`, updated cache or None).
+        """`x [batch, seq, embed]` → (`[batch, seq, embed]`, the new tokens' cache entries or None).
 
-        With a cache, the `seq` new tokens of row b are written at `cache_starts[b]` and attend to
-        every cached slot `< cache_starts[b] + seq` causally.
+        With a cache, the `seq` new tokens of row b sit at positions `cache_starts[b]` onward: they attend to
+        the cached positions before that and causally to each other. The cache is only read; the second
+        output holds what to write at those positions (the caller writes every layer's at once), in the
+        cache's form: (k, v) `[batch, seq, kv_heads, head_dim]`, or int8 (k, v, k_scale, v_scale).
         """
         cfg = self.config
         kvh, g, hd, d = cfg.num_key_value_heads, cfg.num_groups, cfg.dim_per_head, cfg.hidden_size
@@ -81,15 +78,18 @@ class Attention(nn.Module):
                                            impl=cfg.attention_impl)
             new_cache = None
         else:
-            if len(cache) == 4:  # int8 cache: stored quantized, dequantized here one layer at a time
+            w = self.kv_window
+            old = tuple(c if w is None else c[:, :w] for c in cache)
+            if len(cache) == 4:  # int8 cache: the new tokens attend to themselves as the cache will hold them
                 (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
-                new_cache = tuple(write_cache(c, n, cache_starts) for c, n in zip(cache, (kq, vq, ks, vs)))
-                k_full = new_cache[0].astype(dt) * new_cache[2].astype(dt)
-                v_full = new_cache[1].astype(dt) * new_cache[3].astype(dt)
+                new_cache = (kq, vq, ks, vs)
+                k, v = kq.astype(dt) * ks.astype(dt), vq.astype(dt) * vs.astype(dt)
+                k_old, v_old = old[0].astype(dt) * old[2].astype(dt), old[1].astype(dt) * old[3].astype(dt)
             else:
-                new_cache = (write_cache(cache[0], k, cache_starts), write_cache(cache[1], v, cache_starts))
-                k_full, v_full = new_cache[0].astype(dt), new_cache[1].astype(dt)
-            out = attention_core.cached_attention(q, k_full, v_full, cache_starts, impl=cfg.attention_impl)
+                new_cache = (k.astype(cache[0].dtype), v.astype(cache[1].dtype))
+                k, v = new_cache[0].astype(dt), new_cache[1].astype(dt)
+                k_old, v_old = old[0].astype(dt), old[1].astype(dt)
+            out = attention_core.cached_attention(q, k_old, v_old, k, v, cache_starts, impl=cfg.attention_impl)
         out = checkpoint_name(out, "attn")
         wo = logical_param(self, "wo", init, (kvh * g, hd, d), ("heads", "head_dim", "embed"), cfg.weight_dtype)
         y = linear("bshd,hde->bse", out.astype(dt), wo.astype(dt))

@@ -154,23 +154,52 @@ def cached_attention(
     q: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
     starts: jax.Array,
     *,
     impl: str = "xla",
     scale: Optional[float] = None,
 ) -> jax.Array:
-    """Attention of `q [batch, s, heads, head_dim]` (new tokens at cache slots `starts [batch]` onward)
-    over `k_cache, v_cache [batch, max_len, kv_heads, head_dim]`, causally.
+    """Attention of the new tokens over the cache before them and, causally, over each other.
 
-    One-token decode with `impl="pallas"` (or `"auto"` off CPU) uses the split-K decode kernel;
-    everything else uses the masked XLA reference.
+    Args:
+      q: `[batch, s, heads, head_dim]`, the new tokens at cache positions `starts [batch]` onward.
+      k_cache, v_cache: `[batch, T, kv_heads, head_dim]`; only positions `< starts` are read as keys.
+      k_new, v_new: `[batch, s, kv_heads, head_dim]`, the new tokens' keys and values.
+    Returns:
+      `[batch, s, heads, head_dim]` in `q.dtype`.
+
+    The new keys are not written into the cache first: the caller writes them once for all layers, so a
+    decode step never copies a layer's cache. One-token decode with `impl="pallas"` (or `"auto"` off CPU)
+    uses the split-K decode kernel on a copy of the layer's cache with the token written in.
     """
     if impl == "auto":
         impl = "xla" if jax.default_backend() == "cpu" else "pallas"
-    s = q.shape[1]
+    b, s, h, d = q.shape
+    kvh, t = k_cache.shape[2], k_cache.shape[1]
+    chex.assert_shape([k_cache, v_cache], (b, t, kvh, d))
+    chex.assert_shape([k_new, v_new], (b, s, kvh, d))
     if impl == "pallas" and s == 1:
         from kernels_pallas import decode_attention
 
-        return decode_attention(q[:, 0], k_cache, v_cache, starts + 1, sm_scale=scale)[:, None]
-    mask = make_attention_mask(s, k_cache.shape[1], causal=True, q_offset=starts, kv_lengths=starts + s)
-    return xla_attention(q, k_cache, v_cache, mask, scale=scale)
+        def put(c, n, i):
+            return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (i, 0, 0))
+        k_all, v_all = jax.vmap(put)(k_cache, k_new, starts), jax.vmap(put)(v_cache, v_new, starts)
+        return decode_attention(q[:, 0], k_all, v_all, starts + 1, sm_scale=scale)[:, None]
+    scale = d**-0.5 if scale is None else scale
+    g = h // kvh
+    # Query heads of one kv group stacked along the query axis (row r is query position r % s); the
+    # cache is contracted in its own layout, so no transposed copy of it is made.
+    qg = q.reshape(b, s, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * s, d)
+    lc = jnp.einsum("bkqd,btkd->bkqt", qg, k_cache, preferred_element_type=jnp.float32) * scale
+    ln = jnp.einsum("bkqd,btkd->bkqt", qg, k_new, preferred_element_type=jnp.float32) * scale
+    old = jnp.arange(t)[None, None, None, :] < starts[:, None, None, None]  # [b, 1, 1, t]
+    qi = jnp.tile(jnp.arange(s), g)[None, None, :, None]
+    logits = jnp.concatenate([jnp.where(old, lc, NEG_INF),
+                              jnp.where(qi >= jnp.arange(s)[None, None, None, :], ln, NEG_INF)], axis=-1)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
+    out = (jnp.einsum("bkqt,btkd->bkqd", probs[..., :t], v_cache, preferred_element_type=jnp.float32)
+           + jnp.einsum("bkqt,btkd->bkqd", probs[..., t:].astype(v_new.dtype), v_new,
+                        preferred_element_type=jnp.float32))
+    return out.reshape(b, kvh, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d).astype(q.dtype)

@@ -185,13 +185,13 @@ class Engine:
     def _decode_impl(self, params, kv, lengths, tokens, keys, counts, temp, top_k, top_p, *, window):
         """One token for every slot: `tokens [S]` at `lengths [S]` → next tokens `[S]`.
 
-        Only the first `window` cache positions (a power of two past every slot's length) are read and
-        written: attention and the cache write then cost what the longest request uses, not `max_len`.
+        Attention reads only the first `window` cache positions (a power of two past every slot's length), so
+        a step costs what the longest request uses, not `max_len`; the new entries are written in place.
         """
-        part = {n: a[:, :, :window] for n, a in kv.items()}
-        logits, cache = decode_step(self.config, self._plain(params), {**part, "lengths": lengths}, tokens)
+        logits, cache = decode_step(self.config, self._plain(params), {**kv, "lengths": lengths}, tokens,
+                                    kv_window=window)
         keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), counts)
-        kv = {n: jax.lax.dynamic_update_slice_in_dim(a, cache[n], 0, axis=2) for n, a in kv.items()}
+        kv = {n: cache[n] for n in kv}
         return sample_rows(mask_vocab(logits, self.vocab_limit), keys, temp, top_k, top_p), kv
 
     # ---- public API ------------------------------------------------------------------------------------
