@@ -58,6 +58,11 @@ def _release_programs_when_mappings_pile_up():
         _release_compiled_programs()
 
 
+# The released InternLM2 tokenizer files (third-party data, never committed): `.ci/run` points this at
+# ../shared/internlm2 when that folder exists; tests that need them skip with this reason otherwise.
+ASSETS_ENV = "INTERNLM2_ASSETS"
+
+
 @pytest.fixture(scope="session")
 def released_assets() -> str:
     """Folder with InternLM2's released `tokenizer.model` and the internlm2-chat `tokenizer_config.json`."""
