@@ -7,7 +7,8 @@ One random-weight model (the `tiny` preset widened to ~4M params, fp32) and a BP
 project's docs. N clients each send one streaming `/v1/completions` request (prompts of 32-64 tokens, greedy,
 `ignore_eos`, so every request yields exactly `--max-tokens` tokens). The same requests are served by:
 
-    server      `serving.server` + `serving.engine`, uvicorn in a thread; httpx streams on one asyncio loop
+    server      `serving.server` + `serving.engine`, uvicorn in a thread; the clients (httpx streams on one
+                asyncio loop, `experiments.serve_load`) in a process of their own, as real clients are
     engine      diagnostic: the same engine fed directly (`Engine.submit`), no HTTP
     sequential  one at a time through `generate.generate_stream` (the CLI chat path), `stop_ids=()`
     hf_batch    `transformers.LlamaForCausalLM` of our `save_hf_llama` export (fp32, sdpa), all requests in one
@@ -25,9 +26,7 @@ the server's tokens/s over sequential's and hf_batch's, best rounds.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import glob
-import json
 import os
 import statistics
 import tempfile
@@ -36,7 +35,6 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
-import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +48,8 @@ from internlm2_jax.model import decode_step, init_cache, param_count
 from internlm2_jax.serving.background import BackgroundServer
 from internlm2_jax.serving.engine import Engine, EngineConfig, SamplingParams
 from internlm2_jax.serving.server import ServerConfig, create_app
+
+from experiments.serve_load import LoadProcess
 
 
 class Trace:
@@ -66,8 +66,9 @@ class Trace:
 class Round:
     """One measured round of one path: `traces` of its requests, `tokens` generated in all, seconds."""
 
-    def __init__(self, t0: float, tokens: int, traces: list[Trace], outputs: Optional[list] = None):
-        self.wall, self.tokens, self.traces, self.outputs = time.perf_counter() - t0, tokens, traces, outputs
+    def __init__(self, t0: float, tokens: int, traces: list[Trace], outputs: Optional[list] = None,
+                 end: Optional[float] = None):
+        self.wall, self.tokens, self.traces, self.outputs = (time.perf_counter() if end is None else end) - t0, tokens, traces, outputs
         self.tps = tokens / self.wall
         self.ttft, self.ttft_own = [tr.times[0] - t0 for tr in traces], [tr.times[0] - tr.start for tr in traces]
         self.gaps = [b - a for tr in traces for a, b in zip(tr.times, tr.times[1:])]
@@ -95,38 +96,25 @@ def build(args: argparse.Namespace, workdir: str):
 
 
 class ServerPath:
-    """Engine + OpenAI server (uvicorn in a thread, free loopback port) + asyncio httpx streaming clients."""
+    """Engine + OpenAI server (uvicorn in a thread, free loopback port); the clients run in their own process."""
 
     def __init__(self, config, params, tok, texts: list[str], ids: list[list[int]], args: argparse.Namespace):
         ec = EngineConfig(slots=args.slots or args.clients, max_len=args.max_len, max_queue=max(64, args.clients),
                           log_every_s=1e9)
         self.engine = Engine(config, params, ec, vocab_limit=tok.vocab_size).start()
         self.server = BackgroundServer(create_app(self.engine, tok, ServerConfig(model_name="bench")))
-        self.texts, self.ids, self.max_tokens, self.loop = texts, ids, args.max_tokens, asyncio.new_event_loop()
-        asyncio.set_event_loop(self.loop)
-        self.http = httpx.AsyncClient(base_url=self.server.url, timeout=600,
-                                      limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
-
-    async def _one(self, text: str) -> tuple[int, Trace]:
-        body, trace, n = {"model": "bench", "prompt": text, "max_tokens": self.max_tokens, "temperature": 0,
-                          "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}, Trace(), 0
-        async with self.http.stream("POST", "/v1/completions", json=body) as r:
-            r.raise_for_status()
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                msg = json.loads(line[6:])
-                assert "error" not in msg, msg
-                n = (msg.get("usage") or {}).get("completion_tokens", n)
-                for c in msg.get("choices", []):
-                    if c.get("text"):
-                        trace.tick(c["text"])
-        return n, trace
+        self.ids, self.max_tokens, self.load = ids, args.max_tokens, LoadProcess(self.server.url)
+        self.bodies = [{"model": "bench", "prompt": text, "max_tokens": args.max_tokens, "temperature": 0,
+                        "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+                       for text in texts]
 
     def run(self) -> Round:
-        t0 = time.perf_counter()
-        res = self.loop.run_until_complete(asyncio.gather(*(self._one(t) for t in self.texts)))
-        return Round(t0, sum(n for n, _ in res), [tr for _, tr in res])
+        t0, t1, res = self.load.run(self.bodies)
+        traces = []
+        for r in res:
+            traces.append(Trace(r.start))
+            traces[-1].times, traces[-1].out = r.times, r.texts
+        return Round(t0, sum(r.tokens for r in res), traces, end=t1)
 
     def direct(self) -> Round:
         """The `engine` diagnostic: every request submitted at once, tokens timed in the sinks."""
@@ -140,7 +128,7 @@ class ServerPath:
         return Round(t0, sum(len(tr.out) for tr in traces), traces)
 
     def close(self) -> None:
-        self.loop.run_until_complete(self.http.aclose())
+        self.load.close()
         self.server.close()
         self.engine.stop()
 

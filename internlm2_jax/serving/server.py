@@ -18,8 +18,10 @@ import asyncio
 import dataclasses
 import json
 import logging
+import threading
 import time
 import uuid
+import weakref
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request as HttpRequest
@@ -77,10 +79,38 @@ def _stops(body: dict) -> list[str]:
     return stop
 
 
+class _Mailbox:
+    """Engine-thread events → asyncio queues with one event-loop wake-up per burst.
+
+    An engine step emits one event per active request; a `call_soon_threadsafe` for each would wake the loop
+    (a pipe write and a loop iteration) that many times per step.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop, self._lock, self._items = loop, threading.Lock(), []
+
+    def post(self, queue: asyncio.Queue, ev: Event) -> None:
+        with self._lock:
+            self._items.append((queue, ev))
+            wake = len(self._items) == 1
+        if wake:
+            try:
+                self._loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop is closed (server shut down): nobody is waiting any more
+                pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, ev in items:
+            queue.put_nowait(ev)
+
+
 def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig = ServerConfig()) -> FastAPI:
     """The FastAPI app; the engine must be started (`engine.start()`)."""
     app = FastAPI(title="internlm2-jax", docs_url=None, redoc_url=None)
     end_ids = tuple(tokenizer.stop_ids)
+    mailboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox]" = weakref.WeakKeyDictionary()
     action_end = tokenizer.special_ids.get("<|action_end|>")
 
     def check(http: HttpRequest, body: dict) -> None:
@@ -118,11 +148,12 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig = Serv
                   body: dict) -> Any:
         """Submits and returns the response (a JSON dict, or a StreamingResponse)."""
         loop = asyncio.get_running_loop()
+        mailbox = mailboxes.setdefault(loop, _Mailbox(loop))
         queue: asyncio.Queue[Event] = asyncio.Queue()
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         t0, created = time.monotonic(), int(time.time())
         try:
-            req = engine.submit(prompt, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+            req = engine.submit(prompt, params, lambda ev: mailbox.post(queue, ev))
         except QueueFull as e:
             raise ApiError(429, f"server busy: {e}; retry later", "rate_limit_error")
         except ValueError as e:
@@ -130,18 +161,23 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig = Serv
         deadline = t0 + config.request_timeout_s
         first: list[float] = []
 
-        async def events() -> AsyncIterator[Event]:
+        async def batches() -> AsyncIterator[list[Event]]:
+            """The request's events in the bursts they arrived in (under load, several tokens per chunk)."""
             while True:
-                try:
-                    ev = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
-                    req.cancel()
-                    yield Event(finish_reason="timeout")
-                    return
-                if ev.token is not None and not first:
+                evs = []
+                if queue.empty():  # wait_for (a task and a timer) only when there is something to wait for
+                    try:
+                        evs.append(await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic())))
+                    except asyncio.TimeoutError:
+                        req.cancel()
+                        yield [Event(finish_reason="timeout")]
+                        return
+                while not queue.empty():
+                    evs.append(queue.get_nowait())
+                if not first and any(ev.token is not None for ev in evs):
                     first.append(time.monotonic() - t0)
-                yield ev
-                if ev.finish_reason is not None:
+                yield evs
+                if evs[-1].finish_reason is not None:
                     return
 
         def finish_reason(ev: Event, calls: list) -> str:
@@ -190,13 +226,13 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig = Serv
                 try:
                     if kind == "chat":
                         yield chunk(None, first=True)
-                    async for ev in events():
-                        if ev.token is not None:
-                            delta = stream.push(ev.token)
-                            if delta:
-                                yield chunk(delta)
-                            if stream.stopped:
-                                req.cancel()
+                    async for evs in batches():
+                        delta = "".join(stream.push(ev.token) for ev in evs if ev.token is not None)
+                        if stream.stopped:
+                            req.cancel()
+                        if delta:
+                            yield chunk(delta)
+                        ev = evs[-1]
                         if ev.finish_reason is not None:
                             if ev.finish_reason in ("timeout", "error"):
                                 reason = ev.finish_reason
@@ -224,12 +260,13 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig = Serv
 
         last = Event(finish_reason="cancelled")
         try:
-            async for ev in events():
-                if ev.token is not None:
-                    stream.push(ev.token)
-                    if stream.stopped:
-                        req.cancel()
-                last = ev
+            async for evs in batches():
+                for ev in evs:
+                    if ev.token is not None:
+                        stream.push(ev.token)
+                if stream.stopped:
+                    req.cancel()
+                last = evs[-1]
         finally:  # the client went away while waiting (the task is cancelled): free the slot
             req.cancel()
         if last.finish_reason == "timeout":
