@@ -45,6 +45,23 @@ def test_prefill_then_decode_matches_full_forward(params):
     assert list(np.asarray(cache["lengths"])) == [14, 14]
 
 
+def test_decode_with_a_kv_window_and_in_place_writes(params):
+    """`kv_window` reads only the first positions; the step writes the new k/v at each row's length and nowhere
+    else (one scatter after the layer scan), also when the cache is donated."""
+    tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, CFG.vocab_size)
+    full = np.asarray(ij.forward(CFG, params, tokens))
+    step = jax.jit(lambda c, t: ij.decode_step(CFG, params, c, t, kv_window=16), donate_argnums=0)
+    _, cache = ij.prefill(CFG, params, tokens[:, :4], max_len=40)
+    before = {n: np.asarray(cache[n]) for n in ("k", "v")}
+    for i in range(4, 12):
+        out, cache = step(cache, tokens[:, i])
+        np.testing.assert_allclose(np.asarray(out), full[:, i], atol=1e-5)
+    for n in ("k", "v"):  # positions 12.. untouched (still the prefill's zeros), 0..3 unchanged
+        after = np.asarray(cache[n])
+        np.testing.assert_array_equal(after[:, :, 12:], before[n][:, :, 12:])
+        np.testing.assert_array_equal(after[:, :, :4], before[n][:, :, :4])
+
+
 def test_ragged_prompts_decode_per_row(params):
     """Right-padded prompts of different lengths continue each from its own length."""
     tokens = np.asarray(jax.random.randint(jax.random.key(2), (2, 10), 0, CFG.vocab_size))
