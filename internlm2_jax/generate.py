@@ -3,7 +3,8 @@
 The per-token sampler (sort-free, see `internlm2_jax.sampling`) is re-exported here for older imports.
 
 Everything after tokenization runs in one jitted function with fixed-size buffers: right-padded prompts
-`[B, P]` go through `prefill(lengths=)`, then a `jax.lax.while_loop` over `decode_step` fills an output
+`[B, P]` go through `prefill_last` (in chunks of `prefill_chunk` tokens, so a long prompt never holds `[P, P]`
+attention scores nor `[B, P, vocab]` logits), then a `jax.lax.while_loop` over `decode_step` fills an output
 buffer `[B, max_new_tokens]` and keeps per-row `done` flags (a row is done after emitting a stop id).
 `P` is rounded up to a multiple of `PROMPT_BUCKET` so different prompt lengths reuse compilations.
 """
@@ -20,10 +21,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from internlm2_jax.config import ModelConfig
-from internlm2_jax.model import decode_step, prefill
+from internlm2_jax.model import decode_step, prefill_last
 from internlm2_jax.sampling import apply_repetition_penalty, mask_vocab, sample_logits  # noqa: F401 (re-exported)
 
 PROMPT_BUCKET = 16
+PREFILL_CHUNK = 1024  # prompt tokens per prefill step
 STREAM_CACHE_BUCKET = 256
 
 
@@ -61,11 +63,12 @@ def _stop_array(stop_ids: Sequence[int]) -> jax.Array:
 
 
 def _generate_impl(config: ModelConfig, params: Any, tokens: jax.Array, lengths: jax.Array, rng: jax.Array,
-                  stops: jax.Array, knobs: dict[str, jax.Array], *, max_new_tokens: int, pad_id: int) -> jax.Array:
+                  stops: jax.Array, knobs: dict[str, jax.Array], *, max_new_tokens: int, pad_id: int,
+                  prefill_chunk: int) -> jax.Array:
     """tokens `[B, P]` right-padded, lengths `[B]` → generated ids `[B, max_new_tokens]` (pad after done)."""
     b, p = tokens.shape
-    logits, cache = prefill(config, params, tokens, max_len=p + max_new_tokens, lengths=lengths)
-    last = logits[jnp.arange(b), lengths - 1]  # [B, V]
+    last, cache = prefill_last(config, params, tokens, max_len=p + max_new_tokens, lengths=lengths,
+                               chunk=prefill_chunk)  # [B, V]
     v = last.shape[-1]
     valid = jnp.arange(p)[None] < lengths[:, None]
     seen = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], tokens].max(valid)
@@ -89,7 +92,7 @@ def _generate_impl(config: ModelConfig, params: Any, tokens: jax.Array, lengths:
     return jax.lax.while_loop(cond, body, init)[1]
 
 
-_STATIC = ("config", "max_new_tokens", "pad_id")
+_STATIC = ("config", "max_new_tokens", "pad_id", "prefill_chunk")
 _generate_jit = jax.jit(_generate_impl, static_argnames=_STATIC)
 
 
@@ -112,13 +115,15 @@ def _pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndar
 def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
              stop_ids: Sequence[int] = (2,), rng: Optional[jax.Array] = None, pad_id: int = 0,
-             vocab_limit: Optional[int] = None, mesh: Optional[Mesh] = None) -> list[list[int]]:
+             vocab_limit: Optional[int] = None, mesh: Optional[Mesh] = None,
+             prefill_chunk: int = PREFILL_CHUNK) -> list[list[int]]:
     """Samples continuations of a batch of token-id prompts.
 
     Returns, per prompt, the new tokens up to and including the first stop id (or `max_new_tokens`).
     `vocab_limit` (e.g. the tokenizer's size) forbids sampling ids at or above it.
     Params may be boxed (`init_params`) or plain. The cache holds `round_up(max prompt len, 16) +
-    max_new_tokens` slots. `mesh`: params live on this (possibly multi-process) mesh; the prompts and knobs are
+    max_new_tokens` slots; the prompts go through `prefill_chunk` tokens at a time. `mesh`: params live on this
+    (possibly multi-process) mesh; the prompts and knobs are
     placed replicated on it and the result comes back replicated, so every process gets every row.
     """
     tokens, lengths = _pad_prompts(prompts, pad_id)
@@ -128,7 +133,8 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
     fn = _generate_jit
     if mesh is not None:
         args, fn = jax.device_put(args, NamedSharding(mesh, P())), _generate_on(mesh)
-    out = fn(config, nn.meta.unbox(params), *args, max_new_tokens=int(max_new_tokens), pad_id=int(pad_id))
+    out = fn(config, nn.meta.unbox(params), *args, max_new_tokens=int(max_new_tokens), pad_id=int(pad_id),
+             prefill_chunk=int(prefill_chunk))
     stops = set(int(s) for s in stop_ids)
     result = []
     for row in np.asarray(out).tolist():
@@ -147,13 +153,14 @@ def _stream_step(config: ModelConfig, params: Any, cache: Any, last: jax.Array, 
     return tok, last, seen, cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_len"))
-def _stream_prefill(config: ModelConfig, params: Any, tokens: jax.Array, lengths: jax.Array, *, max_len: int):
-    logits, cache = prefill(config, params, tokens, max_len=max_len, lengths=lengths)
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "chunk"))
+def _stream_prefill(config: ModelConfig, params: Any, tokens: jax.Array, lengths: jax.Array, *, max_len: int,
+                    chunk: int):
+    last, cache = prefill_last(config, params, tokens, max_len=max_len, lengths=lengths, chunk=chunk)
     b, p = tokens.shape
     valid = jnp.arange(p)[None] < lengths[:, None]
-    seen = jnp.zeros((b, logits.shape[-1]), bool).at[jnp.arange(b)[:, None], tokens].max(valid)
-    return logits[jnp.arange(b), lengths - 1], seen, cache
+    seen = jnp.zeros((b, last.shape[-1]), bool).at[jnp.arange(b)[:, None], tokens].max(valid)
+    return last, seen, cache
 
 
 def generate_stream(config: ModelConfig, params: Any, prompt: Sequence[int], *, max_new_tokens: int,
@@ -172,7 +179,7 @@ def generate_stream(config: ModelConfig, params: Any, prompt: Sequence[int], *, 
     rng = jax.random.key(0) if rng is None else rng
     last, seen, cache = _stream_prefill(config, params, jnp.asarray(tokens), jnp.asarray(lengths),
                                         max_len=_round_up(tokens.shape[1] + int(max_new_tokens),
-                                                          STREAM_CACHE_BUCKET))
+                                                          STREAM_CACHE_BUCKET), chunk=PREFILL_CHUNK)
     stops = set(int(s) for s in stop_ids)
     knobs = _knobs(temperature, top_k, top_p, repetition_penalty, vocab_limit)
     for _ in range(int(max_new_tokens)):

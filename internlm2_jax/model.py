@@ -246,6 +246,45 @@ def prefill(
     return logits, cache
 
 
+def prefill_last(
+    config: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    *,
+    max_len: int,
+    lengths: Optional[jax.Array] = None,
+    chunk: Optional[int] = None,
+) -> tuple[jax.Array, Cache]:
+    """Right-padded prompts `tokens [batch, seq]` → the next-token logits after each prompt `[batch, vocab]` (at
+    `lengths - 1`) and a fresh cache of `max_len` positions holding the prompts.
+
+    The prompts go through `chunk` tokens at a time (default: all at once) in a `lax.scan`: each chunk attends to
+    the cache in blocks (`attention_core.CACHE_BLOCK`) and to itself, so a long prompt never holds `[seq, seq]`
+    scores, and only one position per row reaches the output head (not `[batch, seq, vocab]` logits).
+    """
+    b, s = tokens.shape
+    if s > max_len:
+        raise ValueError(f"prompt length {s} exceeds cache size max_len={max_len}")
+    lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+    chunk = s if chunk is None else max(1, min(int(chunk), s))
+    n = -(-s // chunk)
+    tokens = jnp.pad(tokens, ((0, 0), (0, n * chunk - s)))  # the tail's writes past max_len are dropped
+    last = lengths - 1
+    model, wrapped = InternLM2(config), _wrap(params)
+
+    def one(carry, xs):
+        cache, best = carry
+        i, part = xs
+        at = jnp.clip(last - i * chunk, 0, chunk - 1)
+        logits, cache = model.apply(wrapped, part, None, None, cache, logits_at=at)
+        here = (last >= i * chunk) & (last < (i + 1) * chunk)
+        return (cache, jnp.where(here[:, None], logits[:, 0], best)), None
+
+    init = (init_cache(config, b, max_len), jnp.zeros((b, config.vocab_size), jnp.float32))
+    (cache, logits), _ = jax.lax.scan(one, init, (jnp.arange(n), tokens.reshape(b, n, chunk).transpose(1, 0, 2)))
+    return logits, {**cache, "lengths": lengths}
+
+
 def decode_step(config: ModelConfig, params: Params, cache: Cache, tokens: jax.Array,
                 kv_window: Optional[int] = None) -> tuple[jax.Array, Cache]:
     """One token per row: `tokens [batch]` at position `cache["lengths"]` → logits `[batch, vocab]`.

@@ -118,3 +118,43 @@ def test_params_carry_logical_axes(params):
 def test_bad_token_shape_is_rejected(params):
     with pytest.raises(AssertionError, match="rank"):
         ij.forward(CFG, params, jnp.zeros((4,), jnp.int32))
+
+
+@pytest.mark.parametrize("cache_block", [None, 16])
+def test_chunked_prefill_equals_the_whole_prompt_at_once(params, monkeypatch, cache_block):
+    """`prefill_last` in chunks: the next-token logits equal the full forward's at each ragged prompt's end, the
+    cache equals the unchunked prefill's, and decoding after it equals decoding after a normal prefill. With
+    `cache_block` 16 the chunks read the cache blockwise (online softmax; 60 positions: the last block shifted)."""
+    from internlm2_jax.layers import attention_core
+    if cache_block:
+        monkeypatch.setattr(attention_core, "CACHE_BLOCK", cache_block)
+    tokens = np.asarray(jax.random.randint(jax.random.key(4), (2, 56), 0, CFG.vocab_size))
+    lengths = np.array([23, 56])
+    padded = tokens.copy()
+    padded[0, 23:] = 0
+    full = [np.asarray(ij.forward(CFG, params, jnp.asarray(tokens[r:r + 1, :n])))[0] for r, n in enumerate(lengths)]
+    _, ref_cache = ij.prefill(CFG, params, jnp.asarray(padded), max_len=60, lengths=jnp.asarray(lengths))
+    for chunk in (7, 16, 56):
+        last, cache = jax.jit(lambda t, c=chunk: ij.model.prefill_last(
+            CFG, params, t, max_len=60, lengths=jnp.asarray(lengths), chunk=c))(jnp.asarray(padded))
+        for r, n in enumerate(lengths):
+            np.testing.assert_allclose(np.asarray(last[r]), full[r][n - 1], atol=2e-5)
+            for name in ("k", "v"):
+                np.testing.assert_allclose(np.asarray(cache[name][:, r, :n]), np.asarray(ref_cache[name][:, r, :n]),
+                                           atol=2e-5)
+        nxt = jnp.asarray([tokens[0, 23], tokens[1, 0]])
+        a, _ = ij.decode_step(CFG, params, cache, nxt)
+        b, _ = ij.decode_step(CFG, params, ref_cache, nxt)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_chunked_prefill_memory_does_not_grow_with_the_square_of_the_prompt(params):
+    """Compiled temporaries of a 4096-token prefill: in 256-token chunks (cache read in blocks) vs all at once."""
+    tokens = jax.ShapeDtypeStruct((1, 4096), jnp.int32)
+
+    def temp_bytes(chunk):
+        fn = jax.jit(lambda p, t: ij.model.prefill_last(CFG, p, t, max_len=4096, chunk=chunk))
+        return fn.lower(params, tokens).compile().memory_analysis().temp_size_in_bytes
+
+    whole, chunked = temp_bytes(None), temp_bytes(256)
+    assert chunked < 0.1 * whole, (chunked, whole)

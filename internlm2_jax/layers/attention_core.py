@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from internlm2_jax.layers.attention_sharded import sharded_flash_attention
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+CACHE_BLOCK = 512
+"""Key block of `cached_attention` for several new tokens over a longer cache: scores stay `[new, CACHE_BLOCK]`."""
 
 
 def make_attention_mask(
@@ -192,14 +194,53 @@ def cached_attention(
     # Query heads of one kv group stacked along the query axis (row r is query position r % s); the
     # cache is contracted in its own layout, so no transposed copy of it is made.
     qg = q.reshape(b, s, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * s, d)
-    lc = jnp.einsum("bkqd,btkd->bkqt", qg, k_cache, preferred_element_type=jnp.float32) * scale
     ln = jnp.einsum("bkqd,btkd->bkqt", qg, k_new, preferred_element_type=jnp.float32) * scale
-    old = jnp.arange(t)[None, None, None, :] < starts[:, None, None, None]  # [b, 1, 1, t]
     qi = jnp.tile(jnp.arange(s), g)[None, None, :, None]
-    logits = jnp.concatenate([jnp.where(old, lc, NEG_INF),
-                              jnp.where(qi >= jnp.arange(s)[None, None, None, :], ln, NEG_INF)], axis=-1)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
-    out = (jnp.einsum("bkqt,btkd->bkqd", probs[..., :t], v_cache, preferred_element_type=jnp.float32)
-           + jnp.einsum("bkqt,btkd->bkqd", probs[..., t:].astype(v_new.dtype), v_new,
-                        preferred_element_type=jnp.float32))
+    ln = jnp.where(qi >= jnp.arange(s)[None, None, None, :], ln, NEG_INF)
+    if s > 1 and t > CACHE_BLOCK:
+        out = _blockwise_over_cache(qg, k_cache, v_cache, ln, v_new, starts, scale)
+    else:
+        lc = jnp.einsum("bkqd,btkd->bkqt", qg, k_cache, preferred_element_type=jnp.float32) * scale
+        old = jnp.arange(t)[None, None, None, :] < starts[:, None, None, None]  # [b, 1, 1, t]
+        logits = jnp.concatenate([jnp.where(old, lc, NEG_INF), ln], axis=-1)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
+        out = (jnp.einsum("bkqt,btkd->bkqd", probs[..., :t], v_cache, preferred_element_type=jnp.float32)
+               + jnp.einsum("bkqt,btkd->bkqd", probs[..., t:].astype(v_new.dtype), v_new,
+                            preferred_element_type=jnp.float32))
     return out.reshape(b, kvh, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d).astype(q.dtype)
+
+
+def _blockwise_over_cache(qg: jax.Array, k_cache: jax.Array, v_cache: jax.Array, ln: jax.Array, v_new: jax.Array,
+                          starts: jax.Array, scale: float) -> jax.Array:
+    """Online softmax over `CACHE_BLOCK`-position blocks of the cache (flash attention's recurrence in XLA), so a
+    prefill chunk never holds `[chunk, T]` scores; only blocks below the largest start are visited.
+
+    qg: `[b, kv_heads, g * s, d]`; ln: the new tokens' masked scores `[b, kv_heads, g * s, s]` (the diagonal is
+    never masked, so the running max is finite from the start). Returns fp32 `[b, kv_heads, g * s, d]`.
+    Inference only (a `while_loop` of data-dependent length is not reverse-differentiable).
+    """
+    t, blk = k_cache.shape[1], CACHE_BLOCK
+    m = jnp.max(ln, axis=-1, keepdims=True)
+    p = jnp.exp(ln - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    acc = jnp.einsum("bkqt,btkd->bkqd", p.astype(v_new.dtype), v_new, preferred_element_type=jnp.float32)
+
+    def body(state):
+        j, m, l, acc = state
+        lo = j * blk
+        at = jnp.minimum(lo, t - blk)  # the last block is shifted back; positions < lo were counted already
+        kb = jax.lax.dynamic_slice_in_dim(k_cache, at, blk, axis=1)
+        vb = jax.lax.dynamic_slice_in_dim(v_cache, at, blk, axis=1)
+        pos = at + jnp.arange(blk)
+        keep = (pos[None, :] >= lo) & (pos[None, :] < starts[:, None])  # [b, blk]
+        sc = jnp.einsum("bkqd,btkd->bkqt", qg, kb, preferred_element_type=jnp.float32) * scale
+        sc = jnp.where(keep[:, None, None, :], sc, NEG_INF)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=-1, keepdims=True))
+        p = jnp.where(keep[:, None, None, :], jnp.exp(sc - m_new), 0.0)
+        corr = jnp.exp(m - m_new)
+        acc = acc * corr + jnp.einsum("bkqt,btkd->bkqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+        return j + 1, m_new, l * corr + jnp.sum(p, axis=-1, keepdims=True), acc
+
+    n_blocks = (jnp.max(starts) + blk - 1) // blk
+    _, m, l, acc = jax.lax.while_loop(lambda st: st[0] < n_blocks, body, (jnp.int32(0), m, l, acc))
+    return acc / l
