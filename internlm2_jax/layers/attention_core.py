@@ -12,7 +12,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from internlm2_jax.layers.attention_sharded import sharded_flash_attention
+from internlm2_jax.layers.attention_sharded import (sharded_attention, sharded_flash_attention,
+                                                    uses_context_parallelism)
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 CACHE_BLOCK = 512
@@ -110,11 +111,16 @@ def attention(
     if impl == "auto":
         impl = "xla" if jax.default_backend() == "cpu" else "pallas"
     if impl == "xla":
-        mask = make_attention_mask(q.shape[1], k.shape[1], q_segment_ids=segment_ids, causal=causal)
-        return xla_attention(q, k, v, mask, scale=scale)
+        def xla_kernel(q, k, v, segment_ids):
+            mask = make_attention_mask(q.shape[1], k.shape[1], q_segment_ids=segment_ids, causal=causal)
+            return xla_attention(q, k, v, mask, scale=scale)
+        if uses_context_parallelism():  # the sequence axis: all-to-all to a head split (attention_sharded)
+            return sharded_attention(xla_kernel, q, k, v, segment_ids)
+        return xla_kernel(q, k, v, segment_ids)  # batch / heads: left to the SPMD partitioner
     if impl == "pallas":
         # Pallas flash kernels; on CPU they run in interpret mode (slow, for tests only).
-        # Under a mesh the kernel runs per shard (batch over data/fsdp, heads over tensor).
+        # Under a mesh the kernel runs per shard (batch over data/fsdp, heads over tensor, and context
+        # parallelism over sequence).
         return sharded_flash_attention(q, k, v, segment_ids=segment_ids, causal=causal, scale=scale)
     if impl == "cudnn":
         return _cudnn_attention(q, k, v, segment_ids=segment_ids, causal=causal, scale=scale)
