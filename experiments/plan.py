@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError) as e:  # gin's unknown-configurable / unknown-parameter errors
         print(f"error: bad gin config: {e}", file=sys.stderr)
         return 2
-    result = plan()
+    try:
+        result = plan()
+    except ValueError as e:  # a mesh the model cannot use (e.g. more sequence shards than heads)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0 if result.fits in (None, True) else 1
 
 

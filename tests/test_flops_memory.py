@@ -106,6 +106,17 @@ def test_remat_policies_order():
     assert act["full"] == 2 * 4096 * 4096 * 32  # bf16 block inputs only
 
 
+def test_sequence_axis_splits_activations_and_is_limited_by_the_heads():
+    cfg = get_preset("internlm2_7b")  # 32 query heads
+    one = memory.activation_bytes(cfg, memory.MESH_DEFAULT, 1, 32768, "save_qkv_attn")["saved"]
+    four = memory.activation_bytes(cfg, {**memory.MESH_DEFAULT, "sequence": 4}, 1, 32768, "save_qkv_attn")["saved"]
+    assert four == one / 4
+    with pytest.raises(ValueError, match="query heads over 'sequence'"):
+        memory.plan_memory(cfg, {"sequence": 64}, 1, 65536)
+    out = _plan_cli("--gin", "experiments/configs/plan/7b_32k_8xh100.gin", "--gin_param", "plan.sequence=64")
+    assert out.returncode == 2 and "query heads over 'sequence'" in out.stderr, out.stderr
+
+
 def _plan_cli(*args):
     root = os.path.dirname(os.path.dirname(__file__))
     return subprocess.run([sys.executable, "-m", "experiments.plan", *args], check=False, capture_output=True, text=True,
@@ -113,7 +124,7 @@ def _plan_cli(*args):
 
 
 def test_plan_cli_gin_configs():
-    for name in ("7b_v5p8", "7b_8xh100", "20b_16xh100", "7b_qlora_8gb"):
+    for name in ("7b_v5p8", "7b_8xh100", "20b_16xh100", "7b_qlora_8gb", "7b_32k_8xh100", "7b_1m_v5p256"):
         out = _plan_cli("--gin", f"experiments/configs/plan/{name}.gin")
         assert out.returncode == 0 and "fits: YES" in out.stdout, out.stdout + out.stderr
     out = _plan_cli("--gin", "experiments/configs/plan/7b_8xh100.gin", "--gin_param", "plan.fsdp=1")

@@ -144,6 +144,12 @@ def plan_memory(config: ModelConfig, mesh_sizes: dict[str, int], per_device_batc
     if qlora_bits not in (4, 8):
         raise ValueError(f"qlora_bits must be 4 or 8, got {qlora_bits}")
     sizes = {a: int(mesh_sizes.get(a, 1)) for a in MESH_AXES}
+    heads_per_shard = config.num_attention_heads // sizes["tensor"]
+    if sizes["sequence"] > 1 and heads_per_shard % sizes["sequence"]:  # see layers/attention_sharded.py
+        raise ValueError(f"context parallelism splits each tensor shard's {heads_per_shard} query heads over "
+                         f"'sequence' (size {sizes['sequence']}): it must divide them")
+    if seq_len % sizes["sequence"]:
+        raise ValueError(f"seq_len {seq_len} is not divisible by the 'sequence' axis ({sizes['sequence']})")
     remat_policy = config.remat_policy if remat_policy is None else remat_policy
     leaves = _param_leaves(config)
     notes = []
