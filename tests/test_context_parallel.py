@@ -1,7 +1,7 @@
 """Context parallelism over the `sequence` mesh axis (all-to-all to a head split, `layers/attention_sharded.py`).
 
 On 8 fake CPU devices (a subprocess: XLA flags are per-process), `tests/workers/context_parallel.py` checks that
-sequence=8 and fsdp=2 x sequence=4 give one device's loss and gradients (fp32, relative 1e-5) on a packed batch
+sequence=8, fsdp=2 x sequence=4 and tensor=2 x sequence=4 give one device's loss and gradients (fp32, relative 1e-5) on a packed batch
 whose documents cross the slices' borders, for both attention implementations, and measures the compiled
 step's temporary bytes per device.
 """
@@ -28,7 +28,7 @@ def _worker(*args: str, timeout: int = 900) -> str:
                                        pytest.param("pallas", 2048, marks=pytest.mark.slow)])
 def test_sequence_parallel_loss_and_grads_equal_one_device(impl, seq):
     out = _worker(impl, str(seq))
-    for name in ("sequence8", "f2s4"):
+    for name in ("sequence8", "f2s4", "t2s4"):
         assert f"{name} ok" in out
 
 

@@ -2,8 +2,8 @@
 
     python tests/workers/context_parallel.py IMPL SEQ [--memory]
 
-A packed batch of documents crossing the sequence slices' borders; meshes single, sequence=8 and
-fsdp=2 x sequence=4; fp32, relative 1e-5. `--memory` instead only compiles the loss-and-gradients step at
+A packed batch of documents crossing the sequence slices' borders; meshes single, sequence=8,
+fsdp=2 x sequence=4 and tensor=2 x sequence=4 (kv heads repeated); fp32, relative 1e-5. `--memory` instead only compiles the loss-and-gradients step at
 SEQ with sequence=1 and sequence=8 and prints the temporary bytes per device.
 """
 
@@ -47,7 +47,8 @@ fn = jax.jit(lambda p, b: loss_and_grads(cfg, p, b, step_cfg)[:2])
 
 ref = None
 meshes = {} if "--memory" in sys.argv else {"single": MeshConfig(data=1), "sequence8": MeshConfig(data=1, sequence=8),
-                                           "f2s4": MeshConfig(data=1, fsdp=2, sequence=4)}
+                                           "f2s4": MeshConfig(data=1, fsdp=2, sequence=4),
+                                           "t2s4": MeshConfig(data=1, tensor=2, sequence=4)}
 for name, mc in meshes.items():
     mesh = make_mesh(mc, jax.devices()[:1] if name == "single" else None)
     on_mesh = jax.device_put((params, batch), NamedSharding(mesh, P()))  # the model's constraints shard them
