@@ -23,6 +23,7 @@ from internlm2_jax.model import init_params  # noqa: E402
 from internlm2_jax.sharding import MeshConfig, make_mesh  # noqa: E402
 from internlm2_jax.train.causal_lm import StepConfig, loss_and_grads  # noqa: E402
 from internlm2_jax.train.trainer import mesh_context  # noqa: E402
+from same_as_reference import same_as_reference  # noqa: E402 (tests/workers/)
 
 impl, seq = sys.argv[1], int(sys.argv[2])
 assert jax.device_count() == 8
@@ -56,13 +57,7 @@ for name, mc in meshes.items():
         loss, grads = jax.block_until_ready(fn(*on_mesh))
         if name != "single":  # the sequence split really is traded for a head split around attention
             assert "all-to-all" in fn.lower(*on_mesh).compile().as_text(), name
-    loss, grads = float(loss), jax.tree.map(np.asarray, grads)
-    if ref is None:
-        ref = (loss, grads)
-    else:
-        assert abs(loss - ref[0]) <= 1e-5 * abs(ref[0]), (name, loss, ref[0])
-        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref[1])):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(), err_msg=name)
+    ref = same_as_reference(name, loss, grads, ref, grad_atol=1e-5)
     print(name, "ok", loss, flush=True)
 
 if "--memory" in sys.argv:

@@ -13,6 +13,7 @@ from internlm2_jax.sharding import MeshConfig, make_mesh, shard_shapes  # noqa: 
 from internlm2_jax.train.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
 from internlm2_jax.train.causal_lm import StepConfig, causal_lm_trainer, loss_and_grads
 from internlm2_jax.train.trainer import mesh_context  # noqa: E402
+from same_as_reference import same_as_reference  # noqa: E402 (tests/workers/)
 
 assert jax.device_count() == 8
 cfg = get_preset("tiny", dtype="float32", num_key_value_heads=2, num_attention_heads=4, vocab_size=512)
@@ -48,13 +49,7 @@ for name, mc in meshes.items():
     fn = jax.jit(lambda p, b: loss_and_grads(cfg, p, b, StepConfig(grad_accum=2, loss_chunk=8))[:2])
     with mesh_context(mesh):
         loss, grads = jax.block_until_ready(fn(state.params, batch))
-    loss, grads = float(loss), jax.tree.map(np.asarray, grads)
-    if ref is None:
-        ref = (loss, grads)
-    else:
-        assert abs(loss - ref[0]) <= 1e-5 * abs(ref[0]), (name, loss, ref[0])
-        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref[1])):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max(), err_msg=name)
+    ref = same_as_reference(name, loss, grads, ref)
     if name in ("single", "d2f2t2"):  # the full jitted step (donation, optimizer) on a mixed mesh too
         state, metrics = trainer.step(state, batch)
         jax.block_until_ready(metrics)
