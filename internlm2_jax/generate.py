@@ -64,7 +64,7 @@ def _stop_array(stop_ids: Sequence[int]) -> jax.Array:
 
 def _generate_impl(config: ModelConfig, params: Any, tokens: jax.Array, lengths: jax.Array, rng: jax.Array,
                   stops: jax.Array, knobs: dict[str, jax.Array], *, max_new_tokens: int, pad_id: int,
-                  prefill_chunk: int) -> jax.Array:
+                  prefill_chunk: int = PREFILL_CHUNK) -> jax.Array:
     """tokens `[B, P]` right-padded, lengths `[B]` → generated ids `[B, max_new_tokens]` (pad after done)."""
     b, p = tokens.shape
     last, cache = prefill_last(config, params, tokens, max_len=p + max_new_tokens, lengths=lengths,
