@@ -178,3 +178,17 @@ def test_extend_in_chunks_equals_the_full_forward(params):
         logits, cache = extend(CFG, params, cache, chunk, jnp.asarray([n - 1]))
         cache = {**cache, "lengths": jnp.asarray([start + n])}
         np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(want[start + n - 1]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_padded_prefill_chunk_running_past_the_cache_end(params):
+    """110-token prompt, 64-token chunks, 120 cache positions: the second chunk (46 tokens, padded to 64) ends
+    at 128; the writes past 120 are dropped and the output equals `generate`'s."""
+    prompt = list(np.random.default_rng(7).integers(3, 512, size=110))
+    sampling = SamplingParams(max_tokens=8, temperature=0.0, stop_ids=())
+    eng = Engine(CFG, params, EngineConfig(slots=2, max_len=120, prefill_chunk=64)).start()
+    try:
+        out, reason = eng.generate(prompt, sampling, timeout=120)
+    finally:
+        eng.stop()
+    assert reason == "length"
+    assert out == generate(CFG, params, [prompt], max_new_tokens=8, stop_ids=())[0]

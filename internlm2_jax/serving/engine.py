@@ -311,8 +311,8 @@ class Engine:
     def _prefill_chunk(self, i: int) -> None:
         req = self._slot_req[i]
         n = min(len(req.prompt) - req.prefilled, self.engine.prefill_chunk)
-        # The padded chunk must end inside the cache: a write past it would be clamped onto earlier rows.
-        size = min(_pow2_bucket(n, MIN_CHUNK, self.engine.prefill_chunk), self.engine.max_len - req.prefilled)
+        # A padded chunk may run past the cache's end: those positions' writes are dropped (`model._append`).
+        size = _pow2_bucket(n, MIN_CHUNK, self.engine.prefill_chunk)
         chunk = np.zeros((1, size), np.int32)
         chunk[0, :n] = req.prompt[req.prefilled:req.prefilled + n]
         s = req.sampling
