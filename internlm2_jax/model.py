@@ -270,15 +270,13 @@ def prefill_last(
     n = -(-s // chunk)
     tokens = jnp.pad(tokens, ((0, 0), (0, n * chunk - s)))  # the tail's writes past max_len are dropped
     last = lengths - 1
-    model, wrapped = InternLM2(config), _wrap(params)
 
     def one(carry, xs):
         cache, best = carry
         i, part = xs
-        at = jnp.clip(last - i * chunk, 0, chunk - 1)
-        logits, cache = model.apply(wrapped, part, None, None, cache, logits_at=at)
+        logits, cache = extend(config, params, cache, part, jnp.clip(last - i * chunk, 0, chunk - 1))
         here = (last >= i * chunk) & (last < (i + 1) * chunk)
-        return (cache, jnp.where(here[:, None], logits[:, 0], best)), None
+        return (cache, jnp.where(here[:, None], logits, best)), None
 
     init = (init_cache(config, b, max_len), jnp.zeros((b, config.vocab_size), jnp.float32))
     (cache, logits), _ = jax.lax.scan(one, init, (jnp.arange(n), tokens.reshape(b, n, chunk).transpose(1, 0, 2)))
