@@ -17,6 +17,7 @@ from internlm2_jax.hf_config import (
 )
 
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
+KERNEL_BACKENDS = ("auto", "gpu", "tpu", "interpret")  # = kernels_pallas.common.BACKENDS (no pallas import here)
 REMAT_POLICIES = (
     "none",  # no rematerialization: keep every activation
     "full",  # recompute the whole block in the backward pass
@@ -27,7 +28,7 @@ REMAT_POLICIES = (
 
 
 CONFIG_FIELDS_NOT_CHECKED = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
-                             "max_position_embeddings", "rope_theta", "rope_scaling")
+                             "kernel_backend", "max_position_embeddings", "rope_theta", "rope_scaling")
 """Fields a checkpoint may legitimately differ in from the run's model config: compute choices, and the
 context-length settings a long-context stage changes on purpose (RoPE base / scaling, max positions)."""
 
@@ -83,7 +84,13 @@ class ModelConfig:
     remat_policy: str = "none"
     """Activation rematerialization policy, one of `REMAT_POLICIES`."""
     attention_impl: str = "xla"
-    """`"xla"` (reference einsum), `"pallas"` (flash kernels), `"cudnn"`, or `"auto"`."""
+    """`"xla"` (reference einsum), `"pallas"` (flash kernels), `"cudnn"`, or `"auto"` (the Pallas kernels when
+    lowered for a GPU or TPU, XLA on CPU; chosen per lowering platform, so an export for `cuda` from a CPU host
+    gets the kernels)."""
+    kernel_backend: str = "auto"
+    """Backend of the Pallas kernels: `"auto"` (per lowering platform: Triton for cuda/rocm, Mosaic for tpu, the
+    interpreter on CPU), `"gpu"`, `"tpu"` (the compiled kernels, even when traced on a CPU host: for
+    `jax.export`; running them on another platform fails at lowering) or `"interpret"` (CPU tests)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
@@ -114,6 +121,8 @@ class ModelConfig:
             raise ValueError(f"remat_policy {self.remat_policy!r} unknown; expected one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {self.attention_impl!r} unknown; expected one of {ATTENTION_IMPLS}")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend {self.kernel_backend!r} unknown; expected one of {KERNEL_BACKENDS}")
         jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)  # raise early on bad dtype names
 
     # ---- derived quantities -------------------------------------------------------------------

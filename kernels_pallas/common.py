@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 # Finite "minus infinity" (same value as the XLA reference): fully masked rows stay NaN-free.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-BACKENDS = ("gpu", "tpu", "interpret")
+BACKENDS = ("auto", "gpu", "tpu", "interpret")
+"""`gpu` (Pallas/Triton) and `tpu` (Pallas/Mosaic) are the compiled kernels, wherever the function is traced: a
+lowering for that accelerator gets them even on a CPU host, and running them on another platform is an error from
+the lowering, never an interpreter fallback. `interpret` runs the GPU kernels in Pallas' interpreter (CPU tests).
+`auto` picks per lowering platform (`platform_dispatch`)."""
+GPU_PLATFORMS = ("cuda", "rocm")
 SUPPORTED_HEAD_DIMS = (64, 128)  # native tiles; other multiples of 8 up to 256 are zero-padded
 MAX_HEAD_DIM = 256
 # Segment id given to padding tokens; never equal to a real id (callers use ids >= 0).
@@ -38,13 +43,26 @@ DEFAULT_BLOCK_SIZES: dict[str, BlockSizes] = {
 
 
 def resolve_backend(backend: Optional[str]) -> str:
-    """`None` -> from `jax.default_backend()` ("gpu"/"tpu", anything else -> "interpret")."""
-    if backend is None:
-        platform = jax.default_backend()
-        return platform if platform in ("gpu", "tpu") else "interpret"
+    """`None` means `"auto"`; anything outside `BACKENDS` is an error."""
+    backend = "auto" if backend is None else backend
     if backend not in BACKENDS:
-        raise ValueError(f"unknown flash-attention backend {backend!r}; expected one of {BACKENDS}")
+        raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
     return backend
+
+
+def platform_dispatch(by_backend: Callable[[str], Callable[..., Any]], *args: Any,
+                      host: str = "interpret") -> Any:
+    """Calls `by_backend(b)(*args)` with `b` chosen by the platform the computation is lowered for: "gpu" for
+    cuda/rocm, "tpu" for tpu, `host` (e.g. "interpret", or a caller's XLA path) for anything else.
+
+    The choice is made at lowering (`jax.lax.platform_dependent`), not from the host's default backend, so
+    `jax.export(..., platforms=["cuda"])` on a CPU machine lowers the Triton kernels and the same trace run on
+    the CPU uses `host`. Every branch is traced; only the target's is lowered.
+    """
+    branches = {"default": by_backend(host), "tpu": by_backend("tpu")}
+    gpu = by_backend("gpu")
+    branches.update({p: gpu for p in GPU_PLATFORMS})
+    return jax.lax.platform_dependent(*args, **branches)
 
 
 def resolve_block_sizes(backend: str, block_sizes: Optional[BlockSizes | dict]) -> BlockSizes:

@@ -3,7 +3,7 @@
 Layouts follow `internlm2_jax.layers.attention_core`: `q [B, S, H, D]`, `k, v [B, T, KV, D]`,
 query head `h` uses kv head `h // G`. Causal means query `i` attends keys `j <= i`.
 Backends: "gpu" (Pallas/Triton kernels in `flash_gpu`), "interpret" (the same kernels with
-`interpret=True`, for CPU), "tpu" (splash attention wrapper in `flash_tpu`).
+`interpret=True`, for CPU), "tpu" (splash attention wrapper in `flash_tpu`), "auto" (one per lowering platform).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from kernels_pallas.common import (
     fit_block,
     pad_axis,
     padded_head_dim,
+    platform_dispatch,
     resolve_backend,
     resolve_block_sizes,
     round_up,
@@ -111,30 +112,15 @@ def flash_attention_fwd_with_lse(
       causal: query `i` attends keys `j <= i`.
       sm_scale: softmax scale, default `D ** -0.5`.
       block_sizes: `BlockSizes` or a dict overriding the backend defaults.
-      backend: None (from `jax.default_backend()`), "gpu", "tpu" or "interpret".
-      interpret: force interpret mode (default: True when not running on the backend's chip).
+      backend: "auto" (default: per lowering platform, see `common.platform_dispatch`), "gpu", "tpu" or
+        "interpret".
+      interpret: run the chosen kernels in Pallas' interpreter (default: only for backend "interpret"; `True`
+        with "tpu" runs the Mosaic kernels under TPU interpret mode on CPU).
     The lse is `logsumexp_j(scale * q.k_j)` over the allowed keys (natural log).
     Differentiable w.r.t. q, k, v on gpu/interpret (the lse cotangent is dropped); on "tpu"
     this lse variant is forward-only (splash `save_residuals`); use `flash_attention` to train.
     """
-    check_qkv(q, k, v, segment_ids)
-    scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
-    backend = resolve_backend(backend)
-    bs = resolve_block_sizes(backend, block_sizes)
-    if backend == "tpu":
-        from kernels_pallas import flash_tpu  # splash import is TPU-only machinery
-
-        if interpret is None:
-            interpret = jax.default_backend() != "tpu"
-        return flash_tpu.splash_flash_attention(
-            q, k, v, segment_ids=segment_ids, causal=causal, scale=scale, block_sizes=bs,
-            interpret=interpret, with_lse=True)
-    if interpret is None:
-        interpret = backend == "interpret" or jax.default_backend() != "gpu"
-    out, lse = _gpu_style(q, k, v, segment_ids, causal=causal, scale=scale, bs=bs,
-                          interpret=interpret)
-    chex.assert_shape(lse, (q.shape[0], q.shape[2], q.shape[1]))
-    return out, lse
+    return _dispatch(q, k, v, segment_ids, causal, sm_scale, block_sizes, backend, interpret, with_lse=True)
 
 
 def flash_attention(
@@ -150,18 +136,34 @@ def flash_attention(
     interpret: Optional[bool] = None,
 ) -> jax.Array:
     """Flash attention, `[B, S, H, D]` out in `q.dtype`; see `flash_attention_fwd_with_lse`."""
-    backend_r = resolve_backend(backend)
-    if backend_r == "tpu":
-        from kernels_pallas import flash_tpu
+    return _dispatch(q, k, v, segment_ids, causal, sm_scale, block_sizes, backend, interpret, with_lse=False)
 
-        check_qkv(q, k, v, segment_ids)
-        scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
-        if interpret is None:
-            interpret = jax.default_backend() != "tpu"
+
+def _dispatch(q, k, v, segment_ids, causal, sm_scale, block_sizes, backend, interpret, *, with_lse: bool):
+    check_qkv(q, k, v, segment_ids)
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
+    backend = resolve_backend(backend)
+
+    def on(b: str):
+        def run(q, k, v, segment_ids):
+            return _one_backend(q, k, v, segment_ids, causal, scale, block_sizes, b,
+                                b == "interpret" if interpret is None else interpret, with_lse)
+        return run
+
+    if backend == "auto":
+        return platform_dispatch(on, q, k, v, segment_ids)
+    return on(backend)(q, k, v, segment_ids)
+
+
+def _one_backend(q, k, v, segment_ids, causal: bool, scale: float, block_sizes, backend: str, interpret: bool,
+                 with_lse: bool):
+    bs = resolve_block_sizes(backend, block_sizes)
+    if backend == "tpu":
+        from kernels_pallas import flash_tpu  # splash import is TPU-only machinery
+
         return flash_tpu.splash_flash_attention(
-            q, k, v, segment_ids=segment_ids, causal=causal, scale=scale,
-            block_sizes=resolve_block_sizes("tpu", block_sizes), interpret=interpret,
-            with_lse=False)
-    return flash_attention_fwd_with_lse(
-        q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=sm_scale,
-        block_sizes=block_sizes, backend=backend_r, interpret=interpret)[0]
+            q, k, v, segment_ids=segment_ids, causal=causal, scale=scale, block_sizes=bs,
+            interpret=interpret, with_lse=with_lse)
+    out, lse = _gpu_style(q, k, v, segment_ids, causal=causal, scale=scale, bs=bs, interpret=interpret)
+    chex.assert_shape(lse, (q.shape[0], q.shape[2], q.shape[1]))
+    return (out, lse) if with_lse else out

@@ -53,10 +53,11 @@ def _reference(q, k, v, seg, causal):
 
 def _check(q, k, v, ct, seg, causal, *, backend="interpret", block_sizes=SMALL):
     fp32 = q.dtype == jnp.float32
+    interpret = True  # on this CPU; "tpu" runs the Mosaic kernels under TPU interpret mode
     out, lse = flash_attention_fwd_with_lse(q, k, v, segment_ids=seg, causal=causal,
-                                            block_sizes=block_sizes, backend=backend)
+                                            block_sizes=block_sizes, backend=backend, interpret=interpret)
     f = lambda a, b_, c: flash_attention(a, b_, c, segment_ids=seg, causal=causal,
-                                         block_sizes=block_sizes, backend=backend)
+                                         block_sizes=block_sizes, backend=backend, interpret=interpret)
     out2, vjp = jax.vjp(f, q, k, v)
     grads = vjp(ct)
     ref_out, ref_lse, ref_vjp = _reference(q, k, v, seg, causal)
@@ -132,6 +133,28 @@ def test_decode_matches_reference(b, t, h, kvh, d, dtype, splits):
     ref = xla_attention(f32(q)[:, None], f32(kc), f32(vc), mask)[:, 0]
     assert out.shape == q.shape and out.dtype == dtype
     np.testing.assert_allclose(f32(out), ref, atol=2e-5 if dtype == jnp.float32 else 2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["interpret", "tpu"])
+@pytest.mark.parametrize("with_new", [False, True])
+def test_decode_with_the_new_token_matches_reference(backend, with_new):
+    """The GPU kernel (interpreted) and the TPU Mosaic kernel (TPU interpret mode), with the token at position
+    `lengths` passed apart from the cache (as a decode step does) or not; rows of length 0 and a full cache."""
+    b, t, h, kvh, d = 3, 1024, 8, 2, 128
+    ks = jax.random.split(jax.random.PRNGKey(7), 5)
+    q = jax.random.normal(ks[0], (b, h, d))
+    kc, vc = (jax.random.normal(k, (b, t, kvh, d)) for k in ks[1:3])
+    kn, vn = (jax.random.normal(k, (b, kvh, d)) for k in ks[3:5])
+    lengths = jnp.array([0, 517, t if not with_new else t - 1], jnp.int32)
+    new = dict(k_new=kn, v_new=vn) if with_new else {}
+    out = decode_attention(q, kc, vc, lengths, backend=backend, interpret=True, **new)
+    if with_new:  # the reference reads a cache with the token written at `lengths`
+        put = jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n[None], (i, 0, 0)))
+        kc, vc, lengths = put(kc, kn, lengths), put(vc, vn, lengths), lengths + 1
+    ref = xla_attention(q[:, None], kc, vc, make_attention_mask(1, t, causal=False, kv_lengths=lengths))[:, 0]
+    if not with_new:
+        ref = ref.at[0].set(0.0)  # a row with nothing to attend returns 0
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
 
 
 def test_attention_dispatch():

@@ -75,12 +75,13 @@ class Attention(nn.Module):
 
         if cache is None:
             out = attention_core.attention(q, k, v, segment_ids=segment_ids, causal=True,
-                                           impl=cfg.attention_impl)
+                                           impl=cfg.attention_impl, kernel_backend=cfg.kernel_backend)
             new_cache = None
         else:
             w = self.kv_window
-            old = tuple(c if w is None else c[:, :w] for c in cache)
             if len(cache) == 4:  # int8 cache: the new tokens attend to themselves as the cache will hold them
+                old = tuple(c if w is None else c[:, :w] for c in cache)  # dequantize only the window
+                w = None
                 (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
                 new_cache = (kq, vq, ks, vs)
                 k, v = kq.astype(dt) * ks.astype(dt), vq.astype(dt) * vs.astype(dt)
@@ -88,8 +89,9 @@ class Attention(nn.Module):
             else:
                 new_cache = (k.astype(cache[0].dtype), v.astype(cache[1].dtype))
                 k, v = new_cache[0].astype(dt), new_cache[1].astype(dt)
-                k_old, v_old = old[0].astype(dt), old[1].astype(dt)
-            out = attention_core.cached_attention(q, k_old, v_old, k, v, cache_starts, impl=cfg.attention_impl)
+                k_old, v_old = cache[0].astype(dt), cache[1].astype(dt)
+            out = attention_core.cached_attention(q, k_old, v_old, k, v, cache_starts, impl=cfg.attention_impl,
+                                                  kernel_backend=cfg.kernel_backend, kv_window=w)
         out = checkpoint_name(out, "attn")
         wo = logical_param(self, "wo", init, (kvh * g, hd, d), ("heads", "head_dim", "embed"), cfg.weight_dtype)
         y = linear("bshd,hde->bse", out.astype(dt), wo.astype(dt))

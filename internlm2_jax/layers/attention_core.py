@@ -98,18 +98,30 @@ def attention(
     causal: bool = True,
     impl: str = "xla",
     scale: Optional[float] = None,
+    kernel_backend: str = "auto",
 ) -> jax.Array:
     """Self-attention over one packed sequence batch (training / prefill path).
 
     Args:
       q: `[batch, seq, heads, head_dim]`; k, v: `[batch, seq, kv_heads, head_dim]`.
       segment_ids: `[batch, seq]` int; tokens attend only within their segment.
-      impl: `"xla"`, `"pallas"`, `"cudnn"` or `"auto"` (see `ModelConfig.attention_impl`).
+      impl: `"xla"`, `"pallas"`, `"cudnn"` or `"auto"` (see `ModelConfig.attention_impl`): `"auto"` is the
+        Pallas kernels when lowered for a GPU or TPU and XLA otherwise, chosen per lowering platform.
+      kernel_backend: the Pallas kernels' backend for `impl="pallas"` (see `ModelConfig.kernel_backend`).
     Returns:
       `[batch, seq, heads, head_dim]`.
     """
     if impl == "auto":
-        impl = "xla" if jax.default_backend() == "cpu" else "pallas"
+        def by_platform(backend: str):
+            def run(q, k, v, seg):
+                if backend == "xla":
+                    return attention(q, k, v, segment_ids=seg, causal=causal, impl="xla", scale=scale)
+                return attention(q, k, v, segment_ids=seg, causal=causal, impl="pallas", scale=scale,
+                                 kernel_backend=backend)
+            return run
+        from kernels_pallas.common import platform_dispatch  # keep pallas off the import path
+
+        return platform_dispatch(by_platform, q, k, v, segment_ids, host="xla")
     if impl == "xla":
         def xla_kernel(q, k, v, segment_ids):
             mask = make_attention_mask(q.shape[1], k.shape[1], q_segment_ids=segment_ids, causal=causal)
@@ -121,7 +133,8 @@ def attention(
         # Pallas flash kernels; on CPU they run in interpret mode (slow, for tests only).
         # Under a mesh the kernel runs per shard (batch over data/fsdp, heads over tensor, and context
         # parallelism over sequence).
-        return sharded_flash_attention(q, k, v, segment_ids=segment_ids, causal=causal, scale=scale)
+        return sharded_flash_attention(q, k, v, segment_ids=segment_ids, causal=causal, scale=scale,
+                                       backend=kernel_backend)
     if impl == "cudnn":
         return _cudnn_attention(q, k, v, segment_ids=segment_ids, causal=causal, scale=scale)
     raise ValueError(f"unknown attention_impl {impl!r}; expected xla, pallas, cudnn or auto")
@@ -168,6 +181,8 @@ def cached_attention(
     *,
     impl: str = "xla",
     scale: Optional[float] = None,
+    kernel_backend: str = "auto",
+    kv_window: Optional[int] = None,
 ) -> jax.Array:
     """Attention of the new tokens over the cache before them and, causally, over each other.
 
@@ -175,36 +190,52 @@ def cached_attention(
       q: `[batch, s, heads, head_dim]`, the new tokens at cache positions `starts [batch]` onward.
       k_cache, v_cache: `[batch, T, kv_heads, head_dim]`; only positions `< starts` are read as keys.
       k_new, v_new: `[batch, s, kv_heads, head_dim]`, the new tokens' keys and values.
+      impl, kernel_backend: as in `attention`.
+      kv_window: static; every start lies below it, so only the cache's first `kv_window` positions are read.
     Returns:
       `[batch, s, heads, head_dim]` in `q.dtype`.
 
     The new keys are not written into the cache first: the caller writes them once for all layers, so a
-    decode step never copies a layer's cache. One-token decode with `impl="pallas"` (or `"auto"` off CPU)
-    uses the split-K decode kernel on a copy of the layer's cache with the token written in.
+    decode step never copies a layer's cache. With Pallas, one-token decode runs the decode kernel over the
+    cache with the new token as an extra softmax term, and a prefill chunk runs the flash kernel over its own
+    tokens, merged (by log-sum-exp) with an XLA pass over the cache before it.
     """
-    if impl == "auto":
-        impl = "xla" if jax.default_backend() == "cpu" else "pallas"
     b, s, h, d = q.shape
     kvh, t = k_cache.shape[2], k_cache.shape[1]
     chex.assert_shape([k_cache, v_cache], (b, t, kvh, d))
     chex.assert_shape([k_new, v_new], (b, s, kvh, d))
+    scale = d**-0.5 if scale is None else scale
+    if impl == "auto":
+        def by_platform(backend: str):
+            def run(*args):
+                return cached_attention(*args, impl="xla" if backend == "xla" else "pallas", scale=scale,
+                                        kernel_backend=backend, kv_window=kv_window)
+            return run
+        from kernels_pallas.common import platform_dispatch
+
+        return platform_dispatch(by_platform, q, k_cache, v_cache, k_new, v_new, starts, host="xla")
     if impl == "pallas" and s == 1:
         from kernels_pallas import decode_attention
 
-        def put(c, n, i):
-            return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (i, 0, 0))
-        k_all, v_all = jax.vmap(put)(k_cache, k_new, starts), jax.vmap(put)(v_cache, v_new, starts)
-        return decode_attention(q[:, 0], k_all, v_all, starts + 1, sm_scale=scale)[:, None]
-    scale = d**-0.5 if scale is None else scale
+        return decode_attention(q[:, 0], k_cache, v_cache, starts, k_new=k_new[:, 0], v_new=v_new[:, 0],
+                                sm_scale=scale, backend=kernel_backend)[:, None]
+    if impl == "pallas":
+        return _flash_chunk_over_cache(q, k_cache, v_cache, k_new, v_new, starts, scale, kernel_backend)
+    if kv_window is not None:
+        k_cache, v_cache = k_cache[:, :kv_window], v_cache[:, :kv_window]
+        t = k_cache.shape[1]
     g = h // kvh
-    # Query heads of one kv group stacked along the query axis (row r is query position r % s); the
-    # cache is contracted in its own layout, so no transposed copy of it is made.
-    qg = q.reshape(b, s, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * s, d)
+    qg = _group_rows(q, kvh)
     ln = jnp.einsum("bkqd,btkd->bkqt", qg, k_new, preferred_element_type=jnp.float32) * scale
     qi = jnp.tile(jnp.arange(s), g)[None, None, :, None]
     ln = jnp.where(qi >= jnp.arange(s)[None, None, None, :], ln, NEG_INF)
     if s > 1 and t > CACHE_BLOCK:
-        out = _blockwise_over_cache(qg, k_cache, v_cache, ln, v_new, starts, scale)
+        m = jnp.max(ln, axis=-1, keepdims=True)  # the diagonal is never masked: finite from the start
+        p = jnp.exp(ln - m)
+        acc = jnp.einsum("bkqt,btkd->bkqd", p.astype(v_new.dtype), v_new, preferred_element_type=jnp.float32)
+        m, l, acc = _blockwise_over_cache(qg, k_cache, v_cache, starts, scale,
+                                          (m, jnp.sum(p, axis=-1, keepdims=True), acc))
+        out = acc / l
     else:
         lc = jnp.einsum("bkqd,btkd->bkqt", qg, k_cache, preferred_element_type=jnp.float32) * scale
         old = jnp.arange(t)[None, None, None, :] < starts[:, None, None, None]  # [b, 1, 1, t]
@@ -213,23 +244,54 @@ def cached_attention(
         out = (jnp.einsum("bkqt,btkd->bkqd", probs[..., :t], v_cache, preferred_element_type=jnp.float32)
                + jnp.einsum("bkqt,btkd->bkqd", probs[..., t:].astype(v_new.dtype), v_new,
                             preferred_element_type=jnp.float32))
-    return out.reshape(b, kvh, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d).astype(q.dtype)
+    return _ungroup_rows(out, s).astype(q.dtype)
 
 
-def _blockwise_over_cache(qg: jax.Array, k_cache: jax.Array, v_cache: jax.Array, ln: jax.Array, v_new: jax.Array,
-                          starts: jax.Array, scale: float) -> jax.Array:
+def _group_rows(q: jax.Array, kvh: int) -> jax.Array:
+    """`[b, s, heads, d]` → `[b, kv_heads, g * s, d]`: one kv group's query heads stacked along the query axis
+    (row r is query position r % s), so the cache is contracted in its own layout with no transposed copy."""
+    b, s, h, d = q.shape
+    return q.reshape(b, s, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, h // kvh * s, d)
+
+
+def _ungroup_rows(x: jax.Array, s: int) -> jax.Array:
+    """Inverse of `_group_rows`."""
+    b, kvh, gs, d = x.shape
+    return x.reshape(b, kvh, gs // s, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, kvh * (gs // s), d)
+
+
+def _flash_chunk_over_cache(q, k_cache, v_cache, k_new, v_new, starts, scale: float, backend: str) -> jax.Array:
+    """A prefill chunk with the Pallas flash kernel over its own tokens (causal, with the log-sum-exp), merged
+    with the online softmax over the cache positions before it. Shapes as in `cached_attention`."""
+    from kernels_pallas import flash_attention_fwd_with_lse
+
+    b, s, h, d = q.shape
+    kvh = k_cache.shape[2]
+    out_new, lse_new = flash_attention_fwd_with_lse(q, k_new, v_new, causal=True, sm_scale=scale,
+                                                    backend=backend)
+    qg = _group_rows(q, kvh)
+    lse_new = lse_new.reshape(b, kvh, h // kvh * s, 1)  # [b, heads, s] in the grouped row order
+    empty = (jnp.full(lse_new.shape, NEG_INF, jnp.float32), jnp.zeros(lse_new.shape, jnp.float32),
+             jnp.zeros(qg.shape, jnp.float32))
+    m, l, acc = _blockwise_over_cache(qg, k_cache, v_cache, starts, scale, empty)
+    top = jnp.maximum(m, lse_new)
+    w_new, w_old = jnp.exp(lse_new - top), jnp.exp(m - top)  # the cache part has l == 0 when it is empty
+    out = (_group_rows(out_new, kvh).astype(jnp.float32) * w_new + acc * w_old) / (w_new + l * w_old)
+    return _ungroup_rows(out, s).astype(q.dtype)
+
+
+def _blockwise_over_cache(qg: jax.Array, k_cache: jax.Array, v_cache: jax.Array, starts: jax.Array, scale: float,
+                          state: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Online softmax over `CACHE_BLOCK`-position blocks of the cache (flash attention's recurrence in XLA), so a
     prefill chunk never holds `[chunk, T]` scores; only blocks below the largest start are visited.
 
-    qg: `[b, kv_heads, g * s, d]`; ln: the new tokens' masked scores `[b, kv_heads, g * s, s]` (the diagonal is
-    never masked, so the running max is finite from the start). Returns fp32 `[b, kv_heads, g * s, d]`.
+    qg: `[b, kv_heads, g * s, d]`; state: the running max `m`, sum `l` (`[b, kv_heads, g * s, 1]`) and unnormalised
+    output `acc` (`[b, kv_heads, g * s, d]`, fp32) so far. Returns them updated with the cache positions < starts.
     Inference only (a `while_loop` of data-dependent length is not reverse-differentiable).
     """
-    t, blk = k_cache.shape[1], CACHE_BLOCK
-    m = jnp.max(ln, axis=-1, keepdims=True)
-    p = jnp.exp(ln - m)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    acc = jnp.einsum("bkqt,btkd->bkqd", p.astype(v_new.dtype), v_new, preferred_element_type=jnp.float32)
+    t = k_cache.shape[1]
+    blk = min(CACHE_BLOCK, t)
+    m, l, acc = state
 
     def body(state):
         j, m, l, acc = state
@@ -249,4 +311,4 @@ def _blockwise_over_cache(qg: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
     n_blocks = (jnp.max(starts) + blk - 1) // blk
     _, m, l, acc = jax.lax.while_loop(lambda st: st[0] < n_blocks, body, (jnp.int32(0), m, l, acc))
-    return acc / l
+    return m, l, acc

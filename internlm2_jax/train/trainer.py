@@ -13,17 +13,19 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
 from internlm2_jax.params_loading import place
 from internlm2_jax.sharding import LOGICAL_RULES, data_sharding, logical_to_sharding, replicated
 from internlm2_jax.train.update import Batch, Task, TrainState, new_state, update_step
 
 
-def mesh_context(mesh: Mesh):
-    """Context active while tracing: the mesh plus the logical rules table."""
+def mesh_context(mesh: Mesh | AbstractMesh):
+    """Context active while tracing: the mesh plus the logical rules table. An `AbstractMesh` (devices not on
+    this host, e.g. for `jax.export`) is entered as the abstract mesh."""
     stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(mesh))
+    set_mesh = jax.sharding.use_abstract_mesh if isinstance(mesh, AbstractMesh) else jax.set_mesh
+    stack.enter_context(set_mesh(mesh))
     stack.enter_context(nn.logical_axis_rules(LOGICAL_RULES))
     return stack
 
@@ -108,17 +110,23 @@ class Trainer:
             metrics[self.task.weight_name] = metrics["weight"]
         return state, metrics
 
-    def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        """One optimizer step on a global batch (device arrays or host numpy); `state` is donated."""
+    def jitted_step(self, batch: Batch) -> Any:
+        """The jitted `(state, frozen, batch) -> (state, metrics)` for batches shaped like `batch` (arrays or
+        `ShapeDtypeStruct`s), with explicit shardings; `step` runs it, `jax.export` can lower it."""
         key = self._key(batch)
         if key not in self._steps:
             self._steps[key] = jax.jit(
                 self._step_fn, in_shardings=(self.state_shardings, self.frozen_shardings,
                                              batch_shardings(self.mesh, batch, self.task)),
                 out_shardings=(self.state_shardings, replicated(self.mesh)), donate_argnums=0)
+        return self._steps[key]
+
+    def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        """One optimizer step on a global batch (device arrays or host numpy); `state` is donated."""
+        step = self.jitted_step(batch)
         batch = jax.device_put(batch, batch_shardings(self.mesh, batch, self.task))  # no-op when already placed
         with mesh_context(self.mesh):
-            return self._steps[key](state, self.frozen, batch)
+            return step(state, self.frozen, batch)
 
     def step_host(self, state: TrainState, local_batch: Batch) -> tuple[TrainState, dict]:
         """`step` on this process's share of the global batch (host numpy, multi-host safe: each process
