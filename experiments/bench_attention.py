@@ -67,6 +67,29 @@ def bench_one(impl, b, s, h, kvh, d, dtype, with_seg, iters, backward):
     return 3.5 * flops / sec / 1e12, sec
 
 
+def measure(seqs, *, batch: int, heads: int, kv_heads: int, head_dim: int, dtype, iters: int, impls,
+            report: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """One row per (seq, segments, pass): `{"seq", "segments", "pass", "tflops": {impl: x}, "skipped": {impl:
+    reason}}`; `report(row)` is called as each row completes (printing, or saving partial results)."""
+    rows = []
+    for s in seqs:
+        for with_seg in (False, True):
+            for backward in (False, True):
+                row = {"seq": s, "segments": with_seg, "pass": "fwd+bwd" if backward else "fwd",
+                       "tflops": {}, "skipped": {}}
+                for impl in impls:
+                    try:
+                        row["tflops"][impl], _ = bench_one(impl, batch, s, heads, kv_heads, head_dim, dtype,
+                                                           with_seg, iters, backward)
+                    except Exception as e:  # noqa: BLE001 - report and keep going
+                        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+                        row["skipped"][impl] = f"{type(e).__name__}: {reason}"
+                rows.append(row)
+                if report is not None:
+                    report(row)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes (automatic on CPU)")
@@ -94,26 +117,19 @@ def main(argv=None) -> None:
     header = f"{'seq':>6} {'segs':>4} {'pass':>7} " + " ".join(f"{i:>14}" for i in impls)
     header += "  " + " ".join(f"{'pallas/' + i:>12}" for i in impls if i != "pallas")
     print(header)
-    for s in seqs:
-        for with_seg in (False, True):
-            for backward in (False, True):
-                tflops, notes = {}, []
-                for impl in impls:
-                    try:
-                        tflops[impl], _ = bench_one(impl, args.batch, s, h, kvh, args.head_dim,
-                                                    dtype, with_seg, iters, backward)
-                    except Exception as e:  # noqa: BLE001 - report and keep going
-                        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-                        notes.append(f"{impl} skipped: {type(e).__name__}: {reason}")
-                cells = " ".join(f"{tflops[i]:14.4f}" if i in tflops else f"{'skip':>14}"
-                                 for i in impls)
-                ratios = " ".join(
-                    f"{tflops['pallas'] / tflops[i]:12.2f}" if "pallas" in tflops and i in tflops
-                    else f"{'-':>12}" for i in impls if i != "pallas")
-                print(f"{s:>6} {'yes' if with_seg else 'no':>4} {'fwd+bwd' if backward else 'fwd':>7} "
-                      f"{cells}  {ratios}", flush=True)
-                for n in notes:
-                    print(f"#   {n}", flush=True)
+
+    def show(row: dict) -> None:
+        tflops = row["tflops"]
+        cells = " ".join(f"{tflops[i]:14.4f}" if i in tflops else f"{'skip':>14}" for i in impls)
+        ratios = " ".join(f"{tflops['pallas'] / tflops[i]:12.2f}" if "pallas" in tflops and i in tflops
+                          else f"{'-':>12}" for i in impls if i != "pallas")
+        print(f"{row['seq']:>6} {'yes' if row['segments'] else 'no':>4} {row['pass']:>7} {cells}  {ratios}",
+              flush=True)
+        for impl, why in row["skipped"].items():
+            print(f"#   {impl} skipped: {why}", flush=True)
+
+    measure(seqs, batch=args.batch, heads=h, kv_heads=kvh, head_dim=args.head_dim, dtype=dtype, iters=iters,
+            impls=impls, report=show)
 
 
 if __name__ == "__main__":

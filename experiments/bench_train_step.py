@@ -13,6 +13,7 @@ against the datasheet bf16 peak (`train.flops.peak_flops_per_device`).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -26,7 +27,9 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--preset", default=None, help="model preset (default: a small CPU Llama-shaped config)")
     ap.add_argument("--seq", type=int, default=None, help="sequence length (CPU default 256)")
     ap.add_argument("--batch", type=int, default=None, help="global batch rows (CPU default 4, preset 4)")
-    ap.add_argument("--dtype", default=None, help="compute dtype of both frameworks (CPU default float32)")
+    ap.add_argument("--dtype", default=None,
+                    help="compute dtypes of both frameworks, comma-separated (CPU default float32,bfloat16; "
+                         "accelerators bfloat16)")
     ap.add_argument("--remat", default=None, help="remat policy (CPU default none, preset save_qkv_attn)")
     ap.add_argument("--unroll", action="store_true", help="python-unrolled layers instead of nn.scan")
     ap.add_argument("--loss_chunk", type=int, default=None, help="cross-entropy chunk (CPU default seq, else 512)")
@@ -35,7 +38,21 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (best round counts)")
     ap.add_argument("--no_torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--mesh_fsdp", type=int, default=1, help="fsdp axis size (data fills the rest)")
+    ap.add_argument("--json", default=None, help="also write the results (one entry per dtype) to this JSON file")
     return ap.parse_args()
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the vector ISA XLA:CPU and PyTorch can use (`/proc/cpuinfo`), e.g.
+    `Intel(R) Xeon(R) Platinum 8481C; avx2 avx512f avx512_bf16 amx_tile`."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown CPU"
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = next((set(ln.split(":", 1)[1].split()) for ln in info.splitlines() if ln.startswith("flags")), set())
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
+    return f"{model}; {' '.join(isa) or 'no avx2'}; {os.cpu_count()} logical cores"
 
 
 def matmul_peak(dtype: str, n: int = 1024, reps: int = 20) -> float:
@@ -132,6 +149,24 @@ def main() -> None:
     args = _parse()
     import jax
 
+    on_cpu = jax.devices()[0].platform == "cpu"
+    dtypes = (args.dtype or ("float32,bfloat16" if on_cpu else "bfloat16")).split(",")
+    results = {dtype: run(args, dtype) for dtype in dtypes}
+    for dtype, res in results.items():  # the headline lines together at the end
+        if "speedup_vs_pytorch" in res:
+            print(f"speedup_vs_pytorch[{dtype}]={res['speedup_vs_pytorch']:.3f} "
+                  f"(median per-round {res['median_round_ratio']:.3f})")
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, args.json)
+
+
+def run(args: argparse.Namespace, dtype: str) -> dict:
+    """One dtype: warm-up, alternating rounds; returns tokens/s, step ms and MFU per framework (+ the ratio)."""
+    import jax
+
     from internlm2_jax.config import get_preset
     from internlm2_jax.train.flops import flops_per_token, mfu, peak_flops_per_device
 
@@ -139,7 +174,6 @@ def main() -> None:
     compare = on_cpu and not args.no_torch
     seq = args.seq or (256 if args.preset is None else 4096)
     bsz = args.batch or 4
-    dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
     remat = args.remat or ("none" if args.preset is None else "save_qkv_attn")
     attn = args.attention or ("xla" if on_cpu else "auto")
     over = dict(dtype=dtype, remat_policy=remat, scan_layers=not args.unroll, attention_impl=attn,
@@ -162,6 +196,11 @@ def main() -> None:
     fpt = flops_per_token(config, seq)
     peak = peak_flops_per_device()
     peak_note = "datasheet bf16 peak"
+    if on_cpu:
+        print(f"cpu: {cpu_description()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    result: dict = {"device": cpu_description() if on_cpu else jax.devices()[0].device_kind, "devices": n_dev, "preset": args.preset or "bench-small",
+                    "batch": bsz, "seq": seq, "dtype": dtype, "remat": remat, "attention": attn,
+                    "layers": "unrolled" if args.unroll else "scan", "peak_flops": None, "peak_note": None}
     if peak is None:
         peak, peak_note = matmul_peak(dtype), f"measured {dtype} 1024^3 matmul peak of this CPU"
     print(f"model FLOPs/token {fpt:.4g}; peak {peak / 1e9:.1f} GFLOP/s per device ({peak_note})")
@@ -184,15 +223,22 @@ def main() -> None:
     if peak_note.startswith("measured"):  # re-measure: a busy moment at start under-reads the peak
         peak = max(peak, matmul_peak(dtype))
         print(f"CPU matmul peak (max of start/end measurements): {peak / 1e9:.1f} GFLOP/s")
+    result["peak_flops"], result["peak_note"] = peak, peak_note
     for name, tps in best.items():
         m = mfu(tps, config, seq, n_dev, peak)
         print(f"{name}: {tps:.0f} tok/s (best round), step {tokens / tps * 1e3:.1f} ms, "
               f"MFU {m * 100:.1f}% ({peak_note})")
+        result[name] = {"tokens_per_s": tps, "step_ms": tokens / tps * 1e3, "mfu": m}
     if "pytorch" in best:  # per-round pairs ran back to back, so their ratio shares the machine's load
         pairs = sorted(tp / tj for tj, tp in zip(times["jax"], times["pytorch"]))
-        print(f"median per-round ratio {pairs[len(pairs) // 2]:.3f} (shared 2-core CPUs are noisy; "
-              "the headline below compares best rounds)")
-        print(f"speedup_vs_pytorch={best['jax'] / best['pytorch']:.3f}")
+        result["median_round_ratio"] = pairs[len(pairs) // 2]
+        result["speedup_vs_pytorch"] = best["jax"] / best["pytorch"]
+        print(f"[{dtype}] median per-round ratio {pairs[len(pairs) // 2]:.3f} (shared 2-core CPUs are noisy; "
+              "the headline compares best rounds)")
+        print(f"[{dtype}] speedup_vs_pytorch={best['jax'] / best['pytorch']:.3f}", flush=True)
+    return result
+
+
 
 
 if __name__ == "__main__":
