@@ -6,11 +6,14 @@ Same stages and decisions as :mod:`.pipeline` (the output is identical, see the 
   the counters are merged;
 * rules and all post-dedup stages: per-record ``DoFn``s (the :class:`~.pipeline.Stages` are built
   once per worker in ``setup``);
-* MinHash dedup: per-record signature -> band keys -> ``GroupByKey((band, key))`` -> edges from
-  the smallest id of each bucket to the others (verified on the signature estimate like the
-  local run) -> connected components by union-find on a single
-  worker over the (small) edge list and id list -> ``GroupByKey(cluster)`` -> keep the most
-  recent record; code files are grouped by their indent-insensitive key;
+* MinHash dedup (:func:`keep_most_recent`): per-record signature -> band keys ->
+  ``GroupByKey((band, key))`` -> edges from the smallest id of each bucket to the others (verified on the
+  signature estimate like the local run) -> connected components as a distributed computation
+  (:mod:`.beam_components`: large-star / small-star rounds, each a shuffle keyed by node, then a check that
+  fails the run if they did not converge; label = smallest id of the component, as union-find gives
+  locally) -> join the labels to (id, timestamp) -> keyed combine of `pipeline.choose_keep` per cluster
+  -> join the kept ids to the records by id. Code files take the same combine, grouped by their
+  indent-insensitive key. No step holds the id list or the edge list on one worker;
 * code documents: ``GroupByKey(repository)`` -> dependency sort + packing;
 * write: the final collections are gathered on one worker and written sorted, exactly like the
   local run, through the same staged write + manifest commit (:mod:`.output`) -- fine for the sizes
@@ -25,13 +28,14 @@ import copy
 import logging
 import pathlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from . import code, dedup, output, pipeline
+from .beam_components import DEFAULT_MAX_ROUNDS, ConnectedComponents
 from .records import Record
 from .stats import BadInput
 
@@ -110,25 +114,54 @@ def _bucket_edges(kv: tuple[Any, Sequence[tuple[str, bytes]]], min_estimate: flo
         yield rep, other
 
 
-def _components(_: Any, ids: Sequence[str], edges: Sequence[tuple[str, str]]) -> Iterator[tuple[str, str]]:
-    """Single-worker union-find: (id, cluster representative id)."""
-    order = sorted(ids)
-    index = {k: i for i, k in enumerate(order)}
-    roots = dedup.components(len(order), [(index[a], index[b]) for a, b in edges])
-    for k, r in zip(order, roots):
-        yield k, order[r]
+def _keep_candidate(rec: Record) -> dict[str, Any]:
+    """What `pipeline.choose_keep` looks at: combining these, not whole records, keeps the shuffle small."""
+    return {"id": rec["id"], "timestamp": rec.get("timestamp")}
 
 
-def _choose(kv: tuple[Any, Sequence[Record]]) -> Iterator[Any]:
-    members = list(kv[1])
-    keep = pipeline.choose_keep(members)
-    yield beam.pvalue.TaggedOutput("size", len(members))
-    for r in members:
-        if r["id"] == keep["id"]:
-            yield r
-        else:
-            reason = "near_duplicate" if r["type"] != "code" else "code_duplicate"
-            yield beam.pvalue.TaggedOutput("dropped", pipeline._drop(copy.deepcopy(r), "dedup", reason))
+def _keep_or_drop(kv: tuple[str, Mapping[str, Sequence[Any]]]) -> Iterator[Any]:
+    """A record whose id won its group's combine is kept; the others are dropped as duplicates."""
+    rec = kv[1]["rec"][0]
+    if kv[1]["keep"]:
+        yield rec
+    else:
+        reason = "near_duplicate" if rec["type"] != "code" else "code_duplicate"
+        yield beam.pvalue.TaggedOutput("dropped", pipeline._drop(copy.deepcopy(rec), "dedup", reason))
+
+
+class DedupOutputs(NamedTuple):
+    kept: beam.PCollection  # records
+    dropped: beam.PCollection  # dropped records, marked by `pipeline._drop`
+    sizes: beam.PCollection  # one int per group (cluster or code key)
+
+
+def keep_most_recent(texts: beam.PCollection, codes: beam.PCollection, cfg: pipeline.PipelineConfig,
+                     max_rounds: int = DEFAULT_MAX_ROUNDS) -> DedupOutputs:
+    """Near-duplicate texts (MinHash clusters) and equal code files -> one kept record per group.
+
+    Text clusters are the distributed connected components of the verified LSH edges
+    (:class:`~.beam_components.ConnectedComponents`, labelled by their smallest id like `dedup.components`);
+    code files group by their indent-insensitive key. The kept id of each group is a keyed combine of
+    `pipeline.choose_keep` over (id, timestamp) only; records then meet their verdict in a join by id.
+    """
+    edges = (texts | "BandKeys" >> beam.ParDo(_BandKeys(cfg)) | "Buckets" >> beam.GroupByKey()
+             | "Edges" >> beam.FlatMap(_bucket_edges, None if cfg.dedup_verify_margin is None
+                                       else cfg.dedup_threshold - cfg.dedup_verify_margin))
+    ids = texts | "Ids" >> beam.Map(lambda r: r["id"])
+    labels = (ids, edges) | "Components" >> ConnectedComponents(max_rounds)
+    text_groups = ({"cand": texts | "TextCandidates" >> beam.Map(lambda r: (r["id"], _keep_candidate(r))),
+                    "cluster": labels}
+                   | "JoinLabels" >> beam.CoGroupByKey()
+                   | "ByCluster" >> beam.Map(lambda kv: (("t", kv[1]["cluster"][0]), kv[1]["cand"][0])))
+    code_groups = codes | "ByCodeKey" >> beam.Map(lambda r: (("c", code.dedup_key(r["text"])), _keep_candidate(r)))
+    groups = (text_groups, code_groups) | "AllGroups" >> beam.Flatten()
+    sizes = groups | "GroupSizes" >> beam.combiners.Count.PerKey() | "Sizes" >> beam.Values()
+    keep_ids = (groups | "ChooseKeep" >> beam.CombinePerKey(pipeline.choose_keep)
+                | "KeepIds" >> beam.Map(lambda kv: (kv[1]["id"], True)))
+    records = (texts, codes) | "AllRecords" >> beam.Flatten() | "ById" >> beam.Map(lambda r: (r["id"], r))
+    decided = ({"rec": records, "keep": keep_ids} | "JoinKeep" >> beam.CoGroupByKey()
+               | "Decide" >> beam.FlatMap(_keep_or_drop).with_outputs("dropped", main="kept"))
+    return DedupOutputs(decided.kept, decided.dropped, sizes)
 
 
 class _PostDedup(_StagesDoFn):
@@ -170,19 +203,7 @@ def build(p: beam.Pipeline, specs: Sequence[Mapping[str, Any]], workdir: str, cf
     texts = kept | "Texts" >> beam.Filter(lambda r: r["type"] != "code")
     codes = kept | "Codes" >> beam.Filter(lambda r: r["type"] == "code")
 
-    edges = (texts | "BandKeys" >> beam.ParDo(_BandKeys(cfg)) | "Buckets" >> beam.GroupByKey()
-             | "Edges" >> beam.FlatMap(_bucket_edges, None if cfg.dedup_verify_margin is None
-                                       else cfg.dedup_threshold - cfg.dedup_verify_margin))
-    ids = texts | "Ids" >> beam.Map(lambda r: r["id"])
-    clusters = (p | "One" >> beam.Create([None])
-                | "UnionFind" >> beam.FlatMap(_components, beam.pvalue.AsList(ids), beam.pvalue.AsList(edges)))
-    text_by_cluster = (
-        {"rec": texts | "KeyText" >> beam.Map(lambda r: (r["id"], r)), "cluster": clusters}
-        | "Join" >> beam.CoGroupByKey()
-        | "ByCluster" >> beam.Map(lambda kv: (("t", kv[1]["cluster"][0]), kv[1]["rec"][0])))
-    code_by_key = codes | "ByCodeKey" >> beam.Map(lambda r: (("c", code.dedup_key(r["text"])), r))
-    chosen = ((text_by_cluster, code_by_key) | "AllGroups" >> beam.Flatten() | "Group" >> beam.GroupByKey()
-              | "Choose" >> beam.FlatMap(_choose).with_outputs("dropped", "size", main="kept"))
+    chosen = keep_most_recent(texts, codes, cfg)
     post = chosen.kept | "PostDedup" >> beam.ParDo(_PostDedup(cfg)).with_outputs("dropped", "code", main="text")
     code_docs = (post.code
                  | "ByRepo" >> beam.Map(lambda r: (f"{r['source']}/{r['meta'].get('repo', '')}", r))
@@ -193,7 +214,7 @@ def build(p: beam.Pipeline, specs: Sequence[Mapping[str, Any]], workdir: str, cf
          | "Write" >> beam.FlatMap(
              _finalize, str(workdir), cfg, beam.pvalue.AsSingleton(n_input), beam.pvalue.AsList(post.text),
              beam.pvalue.AsList(code_docs), beam.pvalue.AsList(dropped), beam.pvalue.AsList(read[_BAD]),
-             beam.pvalue.AsList(chosen.size)))
+             beam.pvalue.AsList(chosen.sizes)))
 
 
 def run_beam(specs: Sequence[Mapping[str, Any]], workdir: str | pathlib.Path, cfg: pipeline.PipelineConfig,
