@@ -6,6 +6,11 @@ over shingles, so no qualifying pair is missed). Last line:
 ``speedup_vs_datasketch=<float> recall=<float>`` (recall of our implementation; datasketch's recall
 is printed above it).
 
+Also printed, for the cost projection in docs/benchmarks.md: signature docs/s on one core, batched (the
+local run and the Beam ``_BandKeys`` DoFn on ``BatchElements``) and one document per call; candidate edges per document of this
+corpus; and the components step's edges/s, union-find vs the distributed Beam rounds on the
+DirectRunner (``experiments.bench_components``).
+
 Each side runs ``--repeats`` times, alternating; the medians are compared.
 
 Run: ``python -m experiments.bench_dedup [--docs N] [--words W] [--repeats R]``.
@@ -20,6 +25,7 @@ import time
 from collections import defaultdict
 from itertools import combinations
 
+from experiments import bench_components
 from internlm2_jax.data import dedup
 
 
@@ -78,6 +84,35 @@ def run_datasketch(texts: list[str], threshold: float, num_perm: int, n: int) ->
     return pairs
 
 
+def signature_rates(texts: list[str], num_perm: int, n: int, threshold: float) -> tuple[float, float]:
+    """Docs/s of shingles + signatures + band keys on one core: batched, and one document per call."""
+    hasher = dedup.MinHasher(num_perm)
+    bands, rows = dedup.optimal_bands(threshold, num_perm)
+
+    def keys(batch: list[str]) -> None:
+        x, counts = dedup.batch_shingle_hashes(batch, n)
+        dedup.band_keys(hasher.signatures_flat(x, counts), bands, rows)
+
+    t0 = time.perf_counter()
+    keys(texts)
+    t_batched = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for t in texts:
+        keys([t])
+    return len(texts) / t_batched, len(texts) / (time.perf_counter() - t0)
+
+
+def candidate_edges_per_doc(texts: list[str], threshold: float, num_perm: int, n: int) -> tuple[float, float]:
+    """LSH candidate edges per document (bucket stars, as the Beam pipeline emits them): before / after
+    the signature verification."""
+    dd = dedup.StreamingDeduper(threshold=threshold, num_perm=num_perm, ngram=n)
+    dd.add(texts)
+    keys, sigs = dd._keys[0], dd._sigs[0]
+    cand = dedup.band_edges(keys, dd._valid[0])
+    kept = dedup.verify_edges(cand, sigs, dd.min_estimate)
+    return len(cand) / len(texts), len(kept) / len(texts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=4000)
@@ -86,6 +121,7 @@ def main() -> None:
     ap.add_argument("--num_perm", type=int, default=128)
     ap.add_argument("--ngram", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each (median reported)")
+    ap.add_argument("--component_nodes", type=int, default=20_000, help="nodes of the components benchmark graph")
     args = ap.parse_args()
 
     texts = make_corpus(args.docs, args.words)
@@ -109,6 +145,11 @@ def main() -> None:
           f"bands,rows={dedup.optimal_bands(args.threshold, args.num_perm)}")
     print(f"ours:       {t_ours:.3f}s  {len(texts) / t_ours:,.0f} docs/s  recall={recall_ours:.4f}")
     print(f"datasketch: {t_ds:.3f}s  {len(texts) / t_ds:,.0f} docs/s  recall={recall_ds:.4f}")
+    batched, per_doc = signature_rates(texts, args.num_perm, args.ngram, args.threshold)
+    print(f"signatures+band keys, 1 core: batched {batched:,.0f} docs/s, one doc per call {per_doc:,.0f} docs/s")
+    before, after = candidate_edges_per_doc(texts, args.threshold, args.num_perm, args.ngram)
+    print(f"candidate edges per doc: {before:.3f} (LSH) -> {after:.3f} (verified)")
+    bench_components.print_measure(bench_components.measure(args.component_nodes))
     print(f"speedup_vs_datasketch={t_ds / t_ours:.2f} recall={recall_ours:.4f}")
 
 
