@@ -91,15 +91,18 @@ class _BandKeys(beam.DoFn):
         self.dd = dedup.StreamingDeduper(threshold=c.dedup_threshold, num_perm=c.num_perm, ngram=c.ngram,
                                          seed=c.seed, verify_margin=c.dedup_verify_margin)
 
-    def process(self, rec: Record) -> Iterator[tuple[tuple[int, int], tuple[str, bytes]]]:
-        x, counts = dedup.batch_shingle_hashes([rec["text"]], self.dd.ngram)
-        if counts[0] == 0:
-            return
+    def process(self, batch: list[Record]) -> Iterator[tuple[tuple[int, int], tuple[str, bytes]]]:
+        """Band keys of a batch of records (~8x the docs/s of one per call, bench_dedup); a text's keys do
+        not depend on the rest of its batch."""
+        x, counts = dedup.batch_shingle_hashes([r["text"] for r in batch], self.dd.ngram)
         sig = self.dd.hasher.signatures_flat(x, counts)
-        keys = dedup.band_keys(sig, self.dd.bands, self.dd.rows)[0]
-        sig_bytes = sig[0].tobytes() if self.dd.min_estimate is not None else b""
-        for band, key in enumerate(keys.tolist()):
-            yield (band, key), (rec["id"], sig_bytes)
+        keys = dedup.band_keys(sig, self.dd.bands, self.dd.rows)
+        for rec, n, rec_keys, rec_sig in zip(batch, counts.tolist(), keys.tolist(), sig):
+            if n == 0:  # no tokens: never clusters
+                continue
+            sig_bytes = rec_sig.tobytes() if self.dd.min_estimate is not None else b""
+            for band, key in enumerate(rec_keys):
+                yield (band, key), (rec["id"], sig_bytes)
 
 
 def _bucket_edges(kv: tuple[Any, Sequence[tuple[str, bytes]]], min_estimate: float | None) -> Iterator[tuple[str, str]]:
@@ -144,7 +147,8 @@ def keep_most_recent(texts: beam.PCollection, codes: beam.PCollection, cfg: pipe
     code files group by their indent-insensitive key. The kept id of each group is a keyed combine of
     `pipeline.choose_keep` over (id, timestamp) only; records then meet their verdict in a join by id.
     """
-    edges = (texts | "BandKeys" >> beam.ParDo(_BandKeys(cfg)) | "Buckets" >> beam.GroupByKey()
+    edges = (texts | "Batches" >> beam.BatchElements(max_batch_size=1024) | "BandKeys" >> beam.ParDo(_BandKeys(cfg))
+             | "Buckets" >> beam.GroupByKey()
              | "Edges" >> beam.FlatMap(_bucket_edges, None if cfg.dedup_verify_margin is None
                                        else cfg.dedup_threshold - cfg.dedup_verify_margin))
     ids = texts | "Ids" >> beam.Map(lambda r: r["id"])
