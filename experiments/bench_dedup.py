@@ -7,9 +7,9 @@ over shingles, so no qualifying pair is missed). Last line:
 is printed above it).
 
 Also printed, for the cost projection in docs/benchmarks.md: signature docs/s on one core, batched (the
-local run and the Beam ``_BandKeys`` DoFn on ``BatchElements``) and one document per call; candidate edges per document of this
-corpus; and the components step's edges/s, union-find vs the distributed Beam rounds on the
-DirectRunner (``experiments.bench_components``).
+local run, and the Beam ``_BandKeys`` DoFn on ``BatchElements``) and one document per call; candidate
+edges per document of this corpus; and the components step's edges/s, union-find vs the distributed Beam
+rounds on the DirectRunner (``experiments.bench_components``).
 
 Each side runs ``--repeats`` times, alternating; the medians are compared.
 
