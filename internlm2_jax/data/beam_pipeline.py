@@ -196,8 +196,11 @@ def _finalize(_: Any, workdir: str, cfg: pipeline.PipelineConfig, n_input: int, 
     yield workdir
 
 
-def build(p: beam.Pipeline, specs: Sequence[Mapping[str, Any]], workdir: str, cfg: pipeline.PipelineConfig) -> None:
-    """Add the whole chain to pipeline ``p``; outputs and ``stats.json`` land in ``workdir``."""
+def build(p: beam.Pipeline, specs: Sequence[Mapping[str, Any]], workdir: str, cfg: pipeline.PipelineConfig,
+          max_rounds: int = DEFAULT_MAX_ROUNDS) -> None:
+    """Add the whole chain to pipeline ``p``; outputs and ``stats.json`` land in ``workdir``.
+
+    ``max_rounds``: large-star / small-star pairs unrolled for the dedup clusters (too few fails the run)."""
     read = (p | "Specs" >> beam.Create([dict(s) for s in specs]) | "Expand" >> beam.FlatMap(_expand_spec)
             | "Read" >> beam.ParDo(_Read()).with_outputs(_BAD, main="records"))
     records = read.records
@@ -207,7 +210,7 @@ def build(p: beam.Pipeline, specs: Sequence[Mapping[str, Any]], workdir: str, cf
     texts = kept | "Texts" >> beam.Filter(lambda r: r["type"] != "code")
     codes = kept | "Codes" >> beam.Filter(lambda r: r["type"] == "code")
 
-    chosen = keep_most_recent(texts, codes, cfg)
+    chosen = keep_most_recent(texts, codes, cfg, max_rounds)
     post = chosen.kept | "PostDedup" >> beam.ParDo(_PostDedup(cfg)).with_outputs("dropped", "code", main="text")
     code_docs = (post.code
                  | "ByRepo" >> beam.Map(lambda r: (f"{r['source']}/{r['meta'].get('repo', '')}", r))
@@ -222,7 +225,8 @@ def build(p: beam.Pipeline, specs: Sequence[Mapping[str, Any]], workdir: str, cf
 
 
 def run_beam(specs: Sequence[Mapping[str, Any]], workdir: str | pathlib.Path, cfg: pipeline.PipelineConfig,
-             *, runner: str = "DirectRunner", options: Sequence[str] = ()) -> dict[str, Any]:
+             *, runner: str = "DirectRunner", options: Sequence[str] = (),
+             max_rounds: int = DEFAULT_MAX_ROUNDS) -> dict[str, Any]:
     """Run on ``runner`` (e.g. DirectRunner, DataflowRunner, FlinkRunner, SparkRunner) and return
     the stats report (read back from ``{workdir}/manifest.json``, which must be on a shared path; the
     output is staged and committed exactly as in the local run, `pipeline.write_outputs`)."""
@@ -231,5 +235,5 @@ def run_beam(specs: Sequence[Mapping[str, Any]], workdir: str | pathlib.Path, cf
     opts = PipelineOptions([f"--runner={runner}", *options])
     log.info("running on Beam %s", runner)
     with beam.Pipeline(options=opts) as p:
-        build(p, specs, str(workdir), cfg)
+        build(p, specs, str(workdir), cfg, max_rounds)
     return output.verify(workdir, checksums=False)["stats"]
