@@ -35,6 +35,8 @@ def _one_line_for_libraries(record: logging.LogRecord) -> bool:
     """Library log records become one line without traceback (orbax logs every failed background write with a
     traceback before the error reaches `run_main`, which reports it once)."""
     if not record.name.startswith(("internlm2_jax", "experiments", "__main__")):
+        if record.getMessage().startswith("Metadata file does not exist"):
+            return False  # orbax, on every restore of a step written without its optional metadata: reads as corruption
         if record.exc_info or record.exc_text:
             record.exc_info, record.exc_text = None, None
         message = record.getMessage()
@@ -85,8 +87,14 @@ def _disk_full(e: BaseException) -> Optional[str]:
     re-raise the `OSError` of a background write as their own) is a full disk; else None."""
     seen = 0
     while e is not None and seen < 10:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return f"{e.filename or 'outputs'} ({e.strerror})"
+        if isinstance(e, OSError):
+            code, why, name = e.errno, e.strerror, e.filename
+            if code is None:  # gin re-raises a proxy whose OSError fields are empty; they survive in its message
+                m = re.match(r"\[Errno (\d+)\] (.*?)(?:: '([^'\n]*)')?(?:\n|$)", str(e))
+                if m:
+                    code, why, name = int(m.group(1)), m.group(2), m.group(3)
+            if code in (errno.ENOSPC, errno.EDQUOT):
+                return f"{name or 'outputs'} ({why})"
         if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
             path = re.search(r'(?:Failed writing|local file): "([^"]+)"', str(e))
             return f"{path.group(1) if path else 'outputs'} (No space left on device)"

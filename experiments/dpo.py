@@ -44,8 +44,16 @@ def load_dpo_records(data: Sequence[str], tokenizer: Optional[str], seed: int,
     """(records, tokenizer): `toy:N` → the `likes_a` half of `toy_preference_records(2N)`; else JSONL files, read
     by `read_preference_pairs` (`path:line:` errors or, with `on_error="skip"`, `records.skipped`; no usable pair
     is `EmptyDatasetError`)."""
-    if any(d.startswith("toy:") for d in data):
-        recs = [r for d in data for r in toy_preference_records(2 * int(d[4:]), seed=seed)
+    toy = [d for d in data if d.startswith("toy:")]
+    if toy:
+        files = [d for d in data if not d.startswith("toy:")]
+        if files:  # two tokenizers cannot share one batch
+            raise ConfigValueError(f"train_dpo.data mixes {toy} with files {files}: toy data uses its own character "
+                                   "tokenizer; give either toy:N or JSONL files")
+        bad = [d for d in toy if not d[4:].isdigit()]
+        if bad:
+            raise ConfigValueError(f"train_dpo.data: bad toy source {bad[0]!r}: expected toy:N with N a count")
+        recs = [r for d in toy for r in toy_preference_records(2 * int(d[4:]), seed=seed)
                 if r["condition"] == "likes_a"]
         return JsonlRecords(recs), CharTokenizer()
     if tokenizer is None:

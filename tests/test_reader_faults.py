@@ -90,6 +90,10 @@ def test_reward_model_and_dpo_refuse_empty_preferences(tmp_path):
     assert len(load_preferences(["toy:4", empty], None, None)[0]) == 4  # an empty patch (online round) only warns
     with pytest.raises(EmptyDatasetError, match="empty.jsonl: no usable preference pairs"):
         load_dpo_records([empty], "no-tokenizer-needed.model", 0)  # the data is read before the tokenizer
+    with pytest.raises(ConfigValueError, match=r"mixes \['toy:4'\] with files \[.*empty.jsonl'\]"):
+        load_dpo_records(["toy:4", empty], None, 0)  # was: int('/tmp/...') in a traceback
+    with pytest.raises(ConfigValueError, match="bad toy source 'toy:x'"):
+        load_dpo_records(["toy:x"], None, 0)
     bad = _write(tmp_path / "bad.jsonl", [PAIR, "{oops"])
     recs, *_ = load_preferences(["toy:4", bad], None, None, on_error="skip")
     assert len(recs) == 5 and recs.skipped == 1

@@ -152,6 +152,19 @@ def test_disk_full_is_one_line_with_its_exit_code(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "disk full writing /w/checkpoints/8" in err[0]
 
+    def through_gin() -> int:  # a configurable re-raises the error as gin's proxy (its OSError fields empty)
+        import gin.utils
+
+        try:
+            raise OSError(errno.ENOSPC, "checkpoint step 8 needs about 1.6 MiB, 0.2 MiB free", "/w/checkpoints")
+        except OSError as e:
+            gin.utils.augment_exception_message_and_reraise(e, "\n  In call to configurable 'train' (<fn>)")
+
+    assert cli.run_main(through_gin) == errors.EXIT_DISK
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: disk full writing /w/checkpoints (checkpoint step 8 needs about 1.6 MiB, 0.2 MiB free); "
+                   "the previous checkpoint is intact: free space and run the same command to resume"]
+
 
 def test_params_only_load_verifies_checksums(tmp_path):
     from internlm2_jax.checkpointing import load_parameters_only
