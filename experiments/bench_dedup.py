@@ -7,7 +7,8 @@ over shingles, so no qualifying pair is missed). Last line:
 is printed above it).
 
 Also printed, for the cost projection in docs/benchmarks.md: signature docs/s on one core, batched (the
-local run, and the Beam ``_BandKeys`` DoFn on ``BatchElements``) and one document per call; candidate
+local run, and the Beam ``_BandKeys`` DoFn on ``BatchElements``) and one document per call; the Beam LSH
+front (``beam_pipeline.lsh_edges``) on the DirectRunner; candidate
 edges per document of this corpus; and the components step's edges/s, union-find vs the distributed Beam
 rounds on the DirectRunner (``experiments.bench_components``).
 
@@ -102,6 +103,27 @@ def signature_rates(texts: list[str], num_perm: int, n: int, threshold: float) -
     return len(texts) / t_batched, len(texts) / (time.perf_counter() - t0)
 
 
+def beam_lsh_docs_per_s(texts: list[str], repeats: int = 2) -> float:
+    """Docs/s of the Beam pipeline's LSH front (batches -> band keys -> bucket shuffle -> verified edges) on
+    the in-process DirectRunner (one core): the time beyond a pipeline that only builds the records (best of
+    ``repeats`` each; start-up and element encoding cancel out)."""
+    import apache_beam as beam
+
+    from internlm2_jax.data import beam_pipeline, pipeline
+
+    def seconds(with_front: bool) -> float:
+        t0 = time.perf_counter()
+        with beam.Pipeline("DirectRunner") as p:
+            recs = (p | beam.Create(range(len(texts)))
+                    | beam.Map(lambda i, ts: {"id": f"d{i:08d}", "text": ts[i]}, texts))
+            out = beam_pipeline.lsh_edges(recs, pipeline.PipelineConfig()) if with_front else recs
+            _ = out | beam.combiners.Count.Globally()
+        return time.perf_counter() - t0
+
+    base, front = zip(*[(seconds(False), seconds(True)) for _ in range(repeats)])
+    return len(texts) / max(1e-9, min(front) - min(base))
+
+
 def candidate_edges_per_doc(texts: list[str], threshold: float, num_perm: int, n: int) -> tuple[float, float]:
     """LSH candidate edges per document (bucket stars, as the Beam pipeline emits them): before / after
     the signature verification."""
@@ -147,6 +169,8 @@ def main() -> None:
     print(f"datasketch: {t_ds:.3f}s  {len(texts) / t_ds:,.0f} docs/s  recall={recall_ds:.4f}")
     batched, per_doc = signature_rates(texts, args.num_perm, args.ngram, args.threshold)
     print(f"signatures+band keys, 1 core: batched {batched:,.0f} docs/s, one doc per call {per_doc:,.0f} docs/s")
+    print(f"beam LSH front (band keys + bucket shuffle + edges), DirectRunner, 1 core: "
+          f"{beam_lsh_docs_per_s(texts):,.0f} docs/s")
     before, after = candidate_edges_per_doc(texts, args.threshold, args.num_perm, args.ngram)
     print(f"candidate edges per doc: {before:.3f} (LSH) -> {after:.3f} (verified)")
     bench_components.print_measure(bench_components.measure(args.component_nodes))

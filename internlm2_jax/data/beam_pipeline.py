@@ -132,6 +132,14 @@ def _keep_or_drop(kv: tuple[str, Mapping[str, Sequence[Any]]]) -> Iterator[Any]:
         yield beam.pvalue.TaggedOutput("dropped", pipeline._drop(copy.deepcopy(rec), "dedup", reason))
 
 
+def lsh_edges(texts: beam.PCollection, cfg: pipeline.PipelineConfig) -> beam.PCollection:
+    """Text records -> verified LSH candidate edges ``(smallest id of a bucket, other id)``."""
+    return (texts | "Batches" >> beam.BatchElements(max_batch_size=1024) | "BandKeys" >> beam.ParDo(_BandKeys(cfg))
+            | "Buckets" >> beam.GroupByKey()
+            | "Edges" >> beam.FlatMap(_bucket_edges, None if cfg.dedup_verify_margin is None
+                                      else cfg.dedup_threshold - cfg.dedup_verify_margin))
+
+
 class DedupOutputs(NamedTuple):
     kept: beam.PCollection  # records
     dropped: beam.PCollection  # dropped records, marked by `pipeline._drop`
@@ -147,10 +155,7 @@ def keep_most_recent(texts: beam.PCollection, codes: beam.PCollection, cfg: pipe
     code files group by their indent-insensitive key. The kept id of each group is a keyed combine of
     `pipeline.choose_keep` over (id, timestamp) only; records then meet their verdict in a join by id.
     """
-    edges = (texts | "Batches" >> beam.BatchElements(max_batch_size=1024) | "BandKeys" >> beam.ParDo(_BandKeys(cfg))
-             | "Buckets" >> beam.GroupByKey()
-             | "Edges" >> beam.FlatMap(_bucket_edges, None if cfg.dedup_verify_margin is None
-                                       else cfg.dedup_threshold - cfg.dedup_verify_margin))
+    edges = lsh_edges(texts, cfg)
     ids = texts | "Ids" >> beam.Map(lambda r: r["id"])
     labels = (ids, edges) | "Components" >> ConnectedComponents(max_rounds)
     text_groups = ({"cand": texts | "TextCandidates" >> beam.Map(lambda r: (r["id"], _keep_candidate(r))),
