@@ -17,6 +17,7 @@ import json
 from typing import Any, Optional, Sequence
 
 from internlm2_jax.agent.protocol import parse_reply
+from internlm2_jax.errors import ConfigValueError
 
 Message = dict[str, Any]
 
@@ -37,7 +38,7 @@ class LocalBackend:
         out = [self.tokenizer.encode_chat(c, add_generation_prompt=True) for c in conversations]
         room = self.config.max_position_embeddings - self.max_new_tokens
         if max(map(len, out)) > room:
-            raise ValueError(f"a conversation is {max(map(len, out))} tokens; with max_new_tokens "
+            raise ConfigValueError(f"a conversation is {max(map(len, out))} tokens; with max_new_tokens "
                              f"{self.max_new_tokens} the model's {self.config.max_position_embeddings} positions "
                              f"leave room for {room}: lower max_turns or max_new_tokens")
         return out

@@ -5,6 +5,8 @@ Tasks (every answer is a deterministic function of the prompt, so exact match is
   * `add`:     "What is 23+58?" → "81" (operands 0..99)
   * `reverse`: "Reverse 48213" → "31284" (3–6 random digits)
   * `repeat`:  "Repeat 4821" → "4821" (4 random digits; the trivially learnable smoke task)
+  * `calculator`: "What is 4821*37?" solved by calling the agent's calculator plugin (multi-turn ChatML
+    records, `internlm2_jax.agent.tool_task`)
 
 Digits tokenize one per token (`split_digits`), so the tasks are learnable by a tiny model. Train and
 held-out prompts are disjoint.
@@ -17,7 +19,7 @@ import os
 import random
 from typing import Callable
 
-TASKS = ("add", "reverse", "repeat")
+TASKS = ("add", "reverse", "repeat", "calculator")
 SYSTEM = "You are a precise calculator."
 
 
@@ -64,6 +66,16 @@ def make_conversations(task: str, n: int, seed: int = 0, *, exclude: frozenset[s
     return out
 
 
+def _task_api(task: str) -> tuple[Callable[..., list[dict]], Callable[[dict], str], Callable[[dict], list[str]]]:
+    """`(make(n, seed, exclude=, system=), question of a record, tokenizer texts of a record)` of a task."""
+    if task == "calculator":  # multi-turn tool use: the agent's own turns as ChatML records
+        from internlm2_jax.agent import tool_task
+
+        return tool_task.make_records, tool_task.question_of, tool_task.texts_of
+    return (lambda n, seed, **kw: make_conversations(task, n, seed, **kw), lambda r: r["messages"][-2]["content"],
+            lambda r: [m["content"] for m in r["messages"]])
+
+
 def _write(path: str, records: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
@@ -82,14 +94,14 @@ def write_task(out_dir: str, task: str, num_train: int, num_eval: int, seed: int
     if all(os.path.exists(p) for p in paths.values()):
         return paths
     os.makedirs(out_dir, exist_ok=True)
-    held = make_conversations(task, num_eval, seed + 1, system=system)
-    train = make_conversations(task, num_train, seed, system=system,
-                               exclude=frozenset(r["messages"][-2]["content"] for r in held))
+    make, question_of, texts_of = _task_api(task)
+    held = make(num_eval, seed + 1, system=system)
+    train = make(num_train, seed, system=system, exclude=frozenset(map(question_of, held)))
     _write(paths["train"] + ".tmp", train)
     _write(paths["eval"] + ".tmp", held)
     from internlm2_jax.data.tokenizer_training import train_tokenizer
 
-    texts = [m["content"] for r in train for m in r["messages"]] + ["user assistant system\n"]
+    texts = [t for r in train for t in texts_of(r)] + ["user assistant system\n"]
     train_tokenizer(texts, os.path.join(out_dir, "tokenizer"), vocab_size)
     os.replace(paths["train"] + ".tmp", paths["train"])
     os.replace(paths["eval"] + ".tmp", paths["eval"])
