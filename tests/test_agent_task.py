@@ -98,3 +98,20 @@ def test_tool_use_reaches_90_percent_through_the_agent(tmp_path, seed):
     print(f"seed {seed}: with tools {with_tools}, without {without}, sft {last.get('eval_exact_match')}")
     assert with_tools["accuracy"] >= 0.9 and with_tools["solved_with_tool"] >= 0.9, with_tools
     assert without["accuracy"] <= with_tools["accuracy"] - 0.5, (with_tools, without)
+    # The same checkpoint behind the project's OpenAI-compatible server: the loop through its chat endpoint.
+    from internlm2_jax.agent import OpenAIBackend
+    from internlm2_jax.serving.background import BackgroundServer
+    from internlm2_jax.serving.engine import Engine, EngineConfig
+    from internlm2_jax.serving.server import ServerConfig, create_app
+
+    engine = Engine(config, params, EngineConfig(slots=8, max_len=256, prefill_chunk=256),
+                    vocab_limit=tok.vocab_size).start()
+    server = BackgroundServer(create_app(engine, tok, ServerConfig(model_name="tools")))
+    try:
+        remote = OpenAIBackend(server.url + "/v1", max_tokens=40)
+        served = evaluate(Agent(remote, [CALCULATOR], max_turns=3), pairs[:40])
+    finally:
+        server.close()
+        engine.stop()
+    print(f"seed {seed}: through the server {served}")
+    assert served["solved_with_tool"] >= 0.9, served

@@ -33,15 +33,15 @@ class LocalBackend:
         action_end = tokenizer.special_ids.get("<|action_end|>")
         self.stop_ids = tuple(tokenizer.stop_ids) + ((action_end,) if action_end is not None else ())
 
-    def prompts(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
-        """Token ids of each conversation plus the generation prompt; too long for the model is an error."""
+    def prompts(self, conversations: Sequence[Sequence[Message]]) -> tuple[list[list[int]], int]:
+        """Token ids of each conversation plus the generation prompt, and the new tokens that still fit the
+        model's positions (at most `max_new_tokens`); a conversation that fills them is an error."""
         out = [self.tokenizer.encode_chat(c, add_generation_prompt=True) for c in conversations]
-        room = self.config.max_position_embeddings - self.max_new_tokens
-        if max(map(len, out)) > room:
-            raise ConfigValueError(f"a conversation is {max(map(len, out))} tokens; with max_new_tokens "
-                             f"{self.max_new_tokens} the model's {self.config.max_position_embeddings} positions "
-                             f"leave room for {room}: lower max_turns or max_new_tokens")
-        return out
+        longest, positions = max(map(len, out)), self.config.max_position_embeddings
+        if longest >= positions:
+            raise ConfigValueError(f"a conversation is {longest} tokens, and the model holds {positions}: "
+                                   "lower --max-turns or --max-new-tokens")
+        return out, min(self.max_new_tokens, positions - longest)
 
     def reply(self, conversations: Sequence[Sequence[Message]]) -> list[tuple[Message, Optional[str]]]:
         import jax
@@ -51,10 +51,14 @@ class LocalBackend:
         tok = self.tokenizer
         rng = jax.random.fold_in(jax.random.key(self.seed), self.calls)
         self.calls += 1
-        outs = generate(self.config, self.params, self.prompts(conversations), max_new_tokens=self.max_new_tokens,
+        prompts, max_new = self.prompts(conversations)
+        # Batches padded to a power of two (repeating the last prompt): the loop's shrinking batches then reuse
+        # a few compiled programs instead of compiling one per size.
+        prompts += [prompts[-1]] * ((1 << (len(prompts) - 1).bit_length()) - len(prompts))
+        outs = generate(self.config, self.params, prompts, max_new_tokens=max_new,
                         temperature=self.temperature, stop_ids=self.stop_ids, rng=rng, pad_id=tok.pad_id,
                         vocab_limit=tok.vocab_size)
-        return [parse_reply(tok.decode(ids)) for ids in outs]
+        return [parse_reply(tok.decode(ids)) for ids in outs[:len(conversations)]]
 
 
 def to_openai(conversation: Sequence[Message]) -> tuple[list[dict[str, Any]], Optional[list[dict[str, Any]]]]:
