@@ -104,8 +104,8 @@ def test_spreadsheet_analysis_quotes_the_computed_numbers(tmp_path):
     path = tmp_path / "sales.csv"
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([("region", "product", "amount"), *SALES])
-    backend = ScriptedBackend([f"Let me total the sales by region.<|action_start|><|interpreter|>\n{CODE}<|action_end|>",
-                               _answer_from_output])
+    action = f"<|action_start|><|interpreter|>\n{CODE}<|action_end|>"
+    backend = ScriptedBackend(["Let me total the sales by region." + action, _answer_from_output])
     run = Agent(backend, interpreter=SandboxLimits(timeout_s=30)).run("Which region sold the most?", [str(path)])
     expected = {}
     for region, _, amount in SALES:

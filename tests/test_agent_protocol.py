@@ -79,8 +79,8 @@ def _check(tok, reference, backend, run, script):
 
 def test_plugin_calls_and_a_raising_tool_match_the_reference(tok, reference):
     backend = ScriptedBackend(SCRIPT)
-    run = Agent(backend, [CALCULATOR, WEATHER], system="You are InternLM2-Chat.").run("What is 4821*37, and "
-                                                                                   "the weather in Shanghai and on Mars?")
+    agent = Agent(backend, [CALCULATOR, WEATHER], system="You are InternLM2-Chat.")
+    run = agent.run("What is 4821*37, and the weather in Shanghai and on Mars?")
     env = [m["content"] for m in run.messages if m["role"] == "environment"]
     assert env == ["178377", "22 C", "error: weather raised KeyError: '火星'"]
     assert run.answer.startswith("4821*37 = 178377") and run.stop == "answer"

@@ -1,5 +1,6 @@
 """The interpreter sandbox: runaway cells are stopped, forbidden actions refused, and the agent goes on."""
 
+import dataclasses
 import os
 import socket
 
@@ -52,12 +53,15 @@ def test_writes_outside_the_directory_are_refused(tmp_path, code):
     "import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)",
     "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/', timeout=1)",
 ])
-def test_sockets_are_refused(code):
+@pytest.mark.parametrize("namespace", [True, False], ids=["with_netns", "hook_only"])
+def test_sockets_are_refused(code, namespace):
+    """The audit hook refuses sockets by itself (`hook_only`); the namespace, where it works, is a second wall."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
     try:
-        r = run_cell(code.format(port=server.getsockname()[1]), LIMITS)
+        limits = dataclasses.replace(LIMITS, network_namespace=namespace)
+        r = run_cell(code.format(port=server.getsockname()[1]), limits)
     finally:
         server.close()
     assert not r.ok and "network access is disabled in the sandbox" in r.output

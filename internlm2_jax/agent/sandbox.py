@@ -8,8 +8,8 @@ What is enforced, and by whom:
 | CPU time | `RLIMIT_CPU` (`timeout_s` + 1 s) | the same message (SIGXCPU / SIGKILL) |
 | memory | `RLIMIT_AS` (`memory_mb` of address space) | the cell's own `MemoryError` traceback |
 | file size | `RLIMIT_FSIZE` (`file_mb`; also caps the captured output file) | `OSError`/"file size limit" |
-| network | a new empty network namespace (`unshare -rn`, where user namespaces work) and, always, an audit hook refusing socket creation | `PermissionError: network access is disabled` |
-| writes | the audit hook refuses write-mode `open` and remove/rename/mkdir/chmod outside the cell's directory | `PermissionError: writing outside ...` |
+| network | audit hook refusing sockets + `unshare -rn` (no interfaces) where it works | `PermissionError: network ...` |
+| writes | audit hook: write-mode `open`, remove/rename/mkdir/chmod outside its dir | `PermissionError: writing ...` |
 | processes | the audit hook refuses subprocess/exec/spawn/fork | `PermissionError: starting processes ...` |
 | output | the first `output_chars` characters are kept, then a `[... truncated]` line | |
 
