@@ -21,7 +21,7 @@ import os
 import sys
 import traceback
 
-ROOT = os.path.realpath(sys.argv[1])
+ROOT = os.path.realpath(sys.argv[1]) if __name__ == "__main__" else ""  # importing this file runs nothing
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _NO_NETWORK = {"socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto"}
 _NO_PROCESS = ("subprocess.Popen", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty",
