@@ -6,7 +6,8 @@
 
 ``--runner local`` (default) runs in-process; any Beam runner name (DirectRunner, DataflowRunner,
 FlinkRunner, SparkRunner) runs the same stages as Apache Beam transforms; extra pipeline options
-go through ``prepare_data.beam_options``.
+go through ``prepare_data.beam_options``; ``PipelineConfig.dedup_max_rounds`` sets the Beam dedup's components
+rounds.
 
 Output: ``{workdir}/{text,code,rejected}/`` shards, ``stats.json`` and ``manifest.json`` (written last: a
 killed run never passes for complete, see ``internlm2_jax.data.output``). Stdout: a JSON summary for
@@ -53,6 +54,7 @@ def prepare_data(
 
     Returns the stats report (also written to ``{workdir}/stats.json``).
     """
+    cfg = PipelineConfig()  # first: a bad value (e.g. dedup_max_rounds=0) is refused before any work
     work = pathlib.Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     specs = [dict(s) for s in sources]
@@ -63,7 +65,6 @@ def prepare_data(
     if stdlib_packages:
         specs.append({"kind": "code_repo", "root": sysconfig.get_paths()["stdlib"], "source": "stdlib",
                       "repo": "cpython-lib", "include": list(stdlib_packages), "extensions": [".py"]})
-    cfg = PipelineConfig()
     if quality_reference_docs:
         import dataclasses
 

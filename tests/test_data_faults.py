@@ -41,9 +41,14 @@ def _all_lines(work: pathlib.Path) -> list[dict]:
             for r in writers.read_jsonl_shard(p)]
 
 
-def _run(work: pathlib.Path, paths: list[str], per_shard: int = 3) -> dict:
+def _run(work: pathlib.Path, paths: list[str], per_shard: int = 3, runner: str = "local") -> dict:
     cfg = pipeline.PipelineConfig(records_per_shard=per_shard)
-    return pipeline.run_local([{"kind": "jsonl", "paths": paths, "source": "web"}], work, cfg)
+    specs = [{"kind": "jsonl", "paths": paths, "source": "web"}]
+    if runner == "local":
+        return pipeline.run_local(specs, work, cfg)
+    from internlm2_jax.data import beam_pipeline
+
+    return beam_pipeline.run_beam(specs, work, cfg, runner=runner)
 
 
 def test_bad_byte_in_chinese_utf8_file_keeps_all_documents(tmp_path):
@@ -101,7 +106,7 @@ def test_kill_during_write_phase_keeps_previous_output(tmp_path, monkeypatch):
     real, written = writers.to_json_bytes, []
 
     def dies_after_first_shard(rec):
-        if len(written) == 3:  # records_per_shard=3: the first shard is complete
+        if len(written) == 3:  # killed at the 4th record written (a shard or two are done)
             raise KeyboardInterrupt("killed")
         written.append(rec["id"])
         return real(rec)
@@ -128,6 +133,8 @@ def test_kill_during_commit_reads_as_incomplete(tmp_path, monkeypatch):
     real = os.replace
 
     def dies_on_second_rename(a, b):
+        if pathlib.Path(a).parent.parent.name.startswith(".staging-"):  # a shard file renamed into place by
+            return real(a, b)  # its writer (writers.write_shard) before the commit: not a commit rename
         calls.append(b)
         if len(calls) == 2:
             raise KeyboardInterrupt("killed")
@@ -145,17 +152,20 @@ def test_kill_during_commit_reads_as_incomplete(tmp_path, monkeypatch):
     assert sum(output.verify(work)["outputs"].values()) == 12
 
 
-def test_rerun_with_other_records_per_shard_leaves_no_stale_shards(tmp_path):
+@pytest.mark.parametrize("runner", ["local", "DirectRunner"])
+def test_rerun_with_other_records_per_shard_leaves_no_stale_shards(tmp_path, runner):
+    if runner != "local":
+        pytest.importorskip("apache_beam")
     work = tmp_path / "out"
     paths = _corpus(tmp_path, 13)
-    _run(work, paths, per_shard=2)
+    _run(work, paths, per_shard=2, runner=runner)
     n_before = len(list(work.rglob("*-*.jsonl")))
-    _run(work, paths, per_shard=7)
+    _run(work, paths, per_shard=7, runner=runner)
     manifest = output.verify(work)  # also refuses any shard file not listed
     assert len(list(work.rglob("*-*.jsonl"))) < n_before
     assert {p.relative_to(work).as_posix() for p in work.glob("*/*-*.*")} == {e["path"] for e in manifest["shards"]}
     ids = [r["id"] for r in _all_lines(work)]
-    assert len(ids) == len(set(ids)) == 13
+    assert len(ids) == len(set(ids)) == 13 and not list(work.glob(".staging-*"))
     (work / "text" / "text-00099.jsonl").write_text("{}\n")  # a stale shard is noticed
     with pytest.raises(InputDataError, match="text-00099.jsonl: not listed"):
         output.verify(work)
@@ -184,6 +194,9 @@ def test_prepare_data_errors_are_one_line_exit_2(tmp_path, capsys):
     code, out, err = _main(capsys, "--workdir", str(tmp_path), "--gin_param", "PipelineConfig.records_per_shard = 0")
     assert code == 2 and out == ""
     assert err.strip().splitlines() == ["error: bad value PipelineConfig.records_per_shard=0: must be >= 1"]
+    code, out, err = _main(capsys, "--workdir", str(tmp_path / "r"), "--gin_param", "PipelineConfig.dedup_max_rounds = 0")
+    assert code == 2 and err.strip().splitlines() == ["error: bad value PipelineConfig.dedup_max_rounds=0: must be >= 1"]
+    assert not (tmp_path / "r").exists()  # refused before any work
     code, _, err = _main(capsys, "--workdir", str(tmp_path), "--gin_param", "prepare_data.synthetic_docs = 0",
                          "--gin_param", "prepare_data.stdlib_packages = ()", "--gin_param",
                          f"prepare_data.sources = ({{'kind': 'jsonl', 'paths': ['{tmp_path}/nope*.jsonl']}},)")

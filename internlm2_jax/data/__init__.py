@@ -10,8 +10,10 @@ Modules (imported lazily; import the one you need):
   quality            NgramLM, PerplexityScorer, QualityFilter, model_logprob_fn (InternLM2 adapter)
   longtext           >= 32 KB texts: statistics + P(S2|S1) vs P(S2) coherence filter
   code, code_deps    markdown format, indent-insensitive dedup, tiers, dependency sorting
-  writers            ArrayRecord/JSONL shards (Grain-readable)
+  layout             which shard a record goes to (stable hash of its id), shared by both runners
+  writers            ArrayRecord/JSONL shards (Grain-readable); write_shard writes one shard
   output             staged write + manifest.json written last; verify(workdir) tells complete output
   pipeline           single-process chain + stats; beam_pipeline: the same as Beam transforms
+                     (beam_write: shards written in parallel, one commit from their metadata)
   tokenizer_training InternLM2-style sentencepiece BPE training
 """

@@ -15,9 +15,13 @@ Same stages and decisions as :mod:`.pipeline` (the output is identical, see the 
   -> join the kept ids to the records by id. Code files take the same combine, grouped by their
   indent-insensitive key. No step holds the id list or the edge list on one worker;
 * code documents: ``GroupByKey(repository)`` -> dependency sort + packing;
-* write: the final collections are gathered on one worker and written sorted, exactly like the
-  local run, through the same staged write + manifest commit (:mod:`.output`) -- fine for the sizes
-  this repo targets; a sharded sink is the next step for web scale.
+* write (:mod:`.beam_write`): records keyed by (output, shard) of the shared layout (:mod:`.layout`) ->
+  ``GroupByKey`` -> each shard written into the run's staging folder by whichever worker holds it, with the
+  local runner's `writers.write_shard` (same bytes) -> one commit step (`pipeline.commit_outputs`: the same
+  staged write + manifest commit as the local run, :mod:`.output`) that sees only the shards' metadata and
+  the stats, which are combines (counts per drop reason, cluster size and bad-input kind; output totals).
+  No step gathers records on one worker. The staging folder is made by the launcher before the pipeline
+  runs (:func:`run_beam`), and removed if the run fails.
 
 Records must have unique ids (the join key).
 """
@@ -25,16 +29,18 @@ Records must have unique ids (the join key).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import pathlib
-from collections.abc import Iterator, Mapping, Sequence
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from . import code, dedup, output, pipeline
+from . import beam_write, code, dedup, output, pipeline
 from .beam_components import DEFAULT_MAX_ROUNDS, ConnectedComponents
 from .records import Record
 from .stats import BadInput
@@ -146,17 +152,18 @@ class DedupOutputs(NamedTuple):
     sizes: beam.PCollection  # one int per group (cluster or code key)
 
 
-def keep_most_recent(texts: beam.PCollection, codes: beam.PCollection, cfg: pipeline.PipelineConfig,
-                     max_rounds: int = DEFAULT_MAX_ROUNDS) -> DedupOutputs:
+def keep_most_recent(texts: beam.PCollection, codes: beam.PCollection, cfg: pipeline.PipelineConfig) -> DedupOutputs:
     """Near-duplicate texts (MinHash clusters) and equal code files -> one kept record per group.
 
     Text clusters are the distributed connected components of the verified LSH edges
-    (:class:`~.beam_components.ConnectedComponents`, labelled by their smallest id like `dedup.components`);
-    code files group by their indent-insensitive key. The kept id of each group is a keyed combine of
-    `pipeline.choose_keep` over (id, timestamp) only; records then meet their verdict in a join by id.
+    (:class:`~.beam_components.ConnectedComponents` with ``cfg.dedup_max_rounds`` round pairs, labelled by
+    their smallest id like `dedup.components`); code files group by their indent-insensitive key. The kept id
+    of each group is a keyed combine of `pipeline.choose_keep` over (id, timestamp) only; records then meet
+    their verdict in a join by id.
     """
     edges = lsh_edges(texts, cfg)
     ids = texts | "Ids" >> beam.Map(lambda r: r["id"])
+    max_rounds = DEFAULT_MAX_ROUNDS if cfg.dedup_max_rounds is None else cfg.dedup_max_rounds
     labels = (ids, edges) | "Components" >> ConnectedComponents(max_rounds)
     text_groups = ({"cand": texts | "TextCandidates" >> beam.Map(lambda r: (r["id"], _keep_candidate(r))),
                     "cluster": labels}
@@ -185,27 +192,48 @@ class _PostDedup(_StagesDoFn):
             yield rec
 
 
-def _finalize(_: Any, workdir: str, cfg: pipeline.PipelineConfig, n_input: int, text: list, code_docs: list,
-              dropped: list, bad_parts: list, sizes: list) -> Iterator[str]:
-    bad = BadInput()
-    for part in bad_parts:
-        bad.merge(part)
-    hist: dict[int, int] = {}
-    for s in sizes:
-        hist[s] = hist.get(s, 0) + 1
-    outputs = {"text": sorted(text, key=lambda r: r["id"]), "code": sorted(code_docs, key=lambda r: r["id"])}
-    pipeline.check_not_empty(n_input, bad.to_dict())
-    stats = pipeline.summarize(n_input, sorted(dropped, key=lambda r: r["id"]), outputs, bad.to_dict(),
-                               {str(k): v for k, v in sorted(hist.items())})
-    pipeline.write_outputs(workdir, outputs, sorted(dropped, key=lambda r: r["id"]), stats, cfg.records_per_shard)
+class _MergeBad(beam.CombineFn):
+    """Per-file bad-input reports -> one report (`BadInput.to_dict` of the whole run)."""
+
+    def create_accumulator(self) -> BadInput:
+        return BadInput()
+
+    def add_input(self, acc: BadInput, part: dict[str, Any]) -> BadInput:
+        acc.merge(part)
+        # The report keeps the first max_examples in sorted order: keeping only those bounds the accumulator
+        # and gives the same report as merging every example.
+        acc.examples = {k: sorted(v)[:acc.max_examples] for k, v in acc.examples.items()}
+        return acc
+
+    def merge_accumulators(self, accs: Iterable[BadInput]) -> BadInput:
+        out = BadInput()
+        for acc in accs:
+            self.add_input(out, acc.to_dict(full=True))
+        return out
+
+    def extract_output(self, acc: BadInput) -> dict[str, Any]:
+        return acc.to_dict()
+
+
+def _histogram(values: beam.PCollection, label: str) -> beam.PCollection:
+    """``value -> how many`` as one dict (a global combine: one entry per distinct value)."""
+    return values | f"Count {label}" >> beam.combiners.Count.PerElement() | f"{label} dict" >> beam.combiners.ToDict()
+
+
+def _commit(_: Any, workdir: str, staging: str, shards: list, n_input: int, bad: dict[str, Any],
+            drop_reasons: dict[str, int], sizes: dict[int, int], totals: dict[str, pipeline.Totals]) -> Iterator[str]:
+    """The final step: stats from combines, then the shared commit from the shards' metadata."""
+    pipeline.check_not_empty(n_input, bad)
+    stats = pipeline.summarize(n_input, drop_reasons, {name: totals[name] for name in ("text", "code")}, bad,
+                               {str(k): v for k, v in sorted(sizes.items())})
+    pipeline.commit_outputs(workdir, pathlib.Path(staging), shards, stats)
     yield workdir
 
 
-def build(p: beam.Pipeline, specs: Sequence[Mapping[str, Any]], workdir: str, cfg: pipeline.PipelineConfig,
-          max_rounds: int = DEFAULT_MAX_ROUNDS) -> None:
-    """Add the whole chain to pipeline ``p``; outputs and ``stats.json`` land in ``workdir``.
-
-    ``max_rounds``: large-star / small-star pairs unrolled for the dedup clusters (too few fails the run)."""
+def build(p: beam.Pipeline, specs: Sequence[Mapping[str, Any]], workdir: str, staging: str,
+          cfg: pipeline.PipelineConfig) -> None:
+    """Add the whole chain to pipeline ``p``: shards written into ``staging`` (a folder from
+    `output.new_staging(workdir)`), then committed into ``workdir`` with ``stats.json`` and ``manifest.json``."""
     read = (p | "Specs" >> beam.Create([dict(s) for s in specs]) | "Expand" >> beam.FlatMap(_expand_spec)
             | "Read" >> beam.ParDo(_Read()).with_outputs(_BAD, main="records"))
     records = read.records
@@ -215,30 +243,46 @@ def build(p: beam.Pipeline, specs: Sequence[Mapping[str, Any]], workdir: str, cf
     texts = kept | "Texts" >> beam.Filter(lambda r: r["type"] != "code")
     codes = kept | "Codes" >> beam.Filter(lambda r: r["type"] == "code")
 
-    chosen = keep_most_recent(texts, codes, cfg, max_rounds)
+    chosen = keep_most_recent(texts, codes, cfg)
     post = chosen.kept | "PostDedup" >> beam.ParDo(_PostDedup(cfg)).with_outputs("dropped", "code", main="text")
     code_docs = (post.code
                  | "ByRepo" >> beam.Map(lambda r: (f"{r['source']}/{r['meta'].get('repo', '')}", r))
                  | "Repos" >> beam.GroupByKey()
                  | "Pack" >> beam.FlatMap(lambda kv: pipeline.code_documents(list(kv[1]), cfg.code_context_chars)))
     dropped = (ruled.dropped, chosen.dropped, post.dropped) | "AllDropped" >> beam.Flatten()
+    outputs = {"text": post.text, "code": code_docs}
+    shards = beam_write.write_shards({**outputs, "rejected": dropped}, staging, cfg.records_per_shard)
+    totals = ([recs | f"Totals {name}" >> beam.Map(pipeline.record_totals)
+               | f"Sum {name}" >> beam.CombineGlobally(pipeline.sum_totals)
+               | f"Name {name}" >> beam.Map(lambda t, name=name: (name, t)) for name, recs in outputs.items()]
+              | "AllTotals" >> beam.Flatten())
+    bad = read[_BAD] | "MergeBad" >> beam.CombineGlobally(_MergeBad())
+    drop_reasons = _histogram(dropped | "Reasons" >> beam.Map(lambda r: r["meta"]["dropped_by"]), "DropReasons")
+    sizes = _histogram(chosen.sizes, "ClusterSizes")
     _ = (p | "Final" >> beam.Create([None])
-         | "Write" >> beam.FlatMap(
-             _finalize, str(workdir), cfg, beam.pvalue.AsSingleton(n_input), beam.pvalue.AsList(post.text),
-             beam.pvalue.AsList(code_docs), beam.pvalue.AsList(dropped), beam.pvalue.AsList(read[_BAD]),
-             beam.pvalue.AsList(chosen.sizes)))
+         | "Commit" >> beam.FlatMap(
+             _commit, str(workdir), str(staging), beam.pvalue.AsList(shards), beam.pvalue.AsSingleton(n_input),
+             beam.pvalue.AsSingleton(bad), beam.pvalue.AsSingleton(drop_reasons), beam.pvalue.AsSingleton(sizes),
+             beam.pvalue.AsDict(totals)))
 
 
 def run_beam(specs: Sequence[Mapping[str, Any]], workdir: str | pathlib.Path, cfg: pipeline.PipelineConfig,
              *, runner: str = "DirectRunner", options: Sequence[str] = (),
-             max_rounds: int = DEFAULT_MAX_ROUNDS) -> dict[str, Any]:
+             max_rounds: int | None = None) -> dict[str, Any]:
     """Run on ``runner`` (e.g. DirectRunner, DataflowRunner, FlinkRunner, SparkRunner) and return
     the stats report (read back from ``{workdir}/manifest.json``, which must be on a shared path; the
-    output is staged and committed exactly as in the local run, `pipeline.write_outputs`)."""
+    output is staged and committed exactly as in the local run). ``max_rounds`` overrides
+    ``cfg.dedup_max_rounds``."""
     pipeline.check_sources(specs)  # here, not in a worker: one clear line naming the pattern
-    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    if max_rounds is not None:
+        cfg = dataclasses.replace(cfg, dedup_max_rounds=max_rounds)
+    staging = output.new_staging(workdir)  # on the launcher: one folder for all workers, made before any runs
     opts = PipelineOptions([f"--runner={runner}", *options])
     log.info("running on Beam %s", runner)
-    with beam.Pipeline(options=opts) as p:
-        build(p, specs, str(workdir), cfg, max_rounds)
+    try:
+        with beam.Pipeline(options=opts) as p:
+            build(p, specs, str(workdir), str(staging), cfg)
+    except BaseException:  # nothing committed (or a commit cut short: no manifest); drop the partial shards
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return output.verify(workdir, checksums=False)["stats"]

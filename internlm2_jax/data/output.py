@@ -1,16 +1,18 @@
 """Atomic output of a pipeline run: a staging folder, a folder swap, and ``manifest.json`` written last.
 
-A complete workdir holds ``text/``, ``code/``, ``rejected/`` (shards), ``stats.json`` and ``manifest.json``
-(every shard with its record count, size and SHA-256, plus the stats). A run (both runners, through
-:func:`.pipeline.write_outputs`):
+A complete workdir holds ``text/``, ``code/``, ``rejected/`` (shards, laid out by :mod:`.layout`),
+``stats.json`` and ``manifest.json`` (every shard with its record count, size and SHA-256, plus the stats).
+A run (both runners, through :func:`.pipeline.write_outputs` locally and :mod:`.beam_write` on Beam):
 
 1. removes ``.staging-*`` folders left by killed runs (so never run two pipelines on one workdir at once);
-2. writes every shard into ``.staging-<run id>/`` -- a kill or an error here leaves the previous output
+2. writes every shard into ``.staging-<run id>/`` (`.writers.write_shard`: temp name, checksum, rename;
+   on Beam each shard by whichever worker holds it) -- a kill or an error here leaves the previous output
    complete and untouched (an error also removes the staging folder);
-3. :func:`commit`: writes ``stats.json`` and ``manifest.json`` under temporary names in the staging folder,
-   deletes ``manifest.json`` (from now on the output reads as incomplete), swaps each output folder for its
-   staged twin (renames; the previous folder moves into the staging folder), renames ``stats.json`` into
-   place and, last, ``manifest.json`` -- the commit point (only renames: no disk space needed);
+3. :func:`commit`, from the shards' metadata only (no record, no re-read of a shard): writes
+   ``stats.json`` and ``manifest.json`` under temporary names in the staging folder, deletes
+   ``manifest.json`` (from now on the output reads as incomplete), swaps each output folder for its staged
+   twin (renames; the previous folder moves into the staging folder), renames ``stats.json`` into place
+   and, last, ``manifest.json`` -- the commit point (only renames: no disk space needed);
 4. deletes the staging folder with the previous run's folders: stale shards (e.g. of another
    ``records_per_shard``) go only after the new manifest is committed.
 
@@ -21,7 +23,6 @@ Readers that need complete output call :func:`verify` (``prepare_data`` does at 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import pathlib
@@ -32,7 +33,7 @@ from typing import Any
 
 from internlm2_jax.errors import EXIT_DISK, InputDataError, UserFacingError
 
-from .writers import Shard
+from .writers import Shard, file_digest
 
 MANIFEST = "manifest.json"
 STATS = "stats.json"
@@ -72,16 +73,6 @@ def new_staging(workdir: str | pathlib.Path) -> pathlib.Path:
     return staging
 
 
-def _digest(path: pathlib.Path) -> str:
-    """SHA-256 of a file; also flushes it to disk before the commit."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-        os.fsync(f.fileno())
-    return h.hexdigest()
-
-
 def _write_tmp(path: pathlib.Path, text: str) -> pathlib.Path:
     """``text`` written and flushed under a temporary name next to ``path`` (renamed over it later)."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -94,10 +85,11 @@ def _write_tmp(path: pathlib.Path, text: str) -> pathlib.Path:
 
 def _prepare(staging: pathlib.Path, shards: Mapping[str, Sequence[Shard]],
              stats: Mapping[str, Any]) -> tuple[pathlib.Path, pathlib.Path, dict[str, Any]]:
-    """Checksums every staged shard and writes the manifest and stats under temporary names: every byte is
-    on disk before the first rename, so the switch in :func:`commit` cannot run out of space."""
+    """Writes the manifest (from the shards' metadata: their writers checksummed and flushed them) and
+    the stats under temporary names: every byte is on disk before the first rename, so the switch in
+    :func:`commit` cannot run out of space."""
     entries = [{"output": name, "path": pathlib.Path(s.path).relative_to(staging).as_posix(),
-                "records": s.records, "bytes": os.path.getsize(s.path), "sha256": _digest(pathlib.Path(s.path))}
+                "records": s.records, "bytes": s.bytes, "sha256": s.sha256}
                for name, group in shards.items() for s in group]
     manifest = {"format": FORMAT, "run_id": staging.name[len(_STAGING_PREFIX):],
                 "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -109,12 +101,23 @@ def _prepare(staging: pathlib.Path, shards: Mapping[str, Sequence[Shard]],
     return manifest_tmp, stats_tmp, manifest
 
 
+def _drop_unlisted(staging: pathlib.Path, shards: Mapping[str, Sequence[Shard]]) -> None:
+    """Removes files in the staged output folders that no shard names: temp files of a Beam write attempt
+    that was killed and retried (only listed shards may reach the output, :func:`verify` refuses others)."""
+    for name, group in shards.items():
+        listed = {pathlib.Path(s.path).name for s in group}
+        for p in (staging / name).iterdir():
+            if p.name not in listed:
+                p.unlink()
+
+
 def commit(workdir: str | pathlib.Path, staging: pathlib.Path, shards: Mapping[str, Sequence[Shard]],
            stats: Mapping[str, Any]) -> dict[str, Any]:
     """Moves the staged output folders (``shards``: output name → shards under ``staging/<name>``) into
     ``workdir`` and writes ``stats.json`` and, last, ``manifest.json``; returns the manifest."""
     work = pathlib.Path(workdir)
     try:
+        _drop_unlisted(staging, shards)
         manifest_tmp, stats_tmp, manifest = _prepare(staging, shards, stats)
     except BaseException:  # e.g. disk full: nothing switched yet, the previous output stays complete
         shutil.rmtree(staging, ignore_errors=True)
@@ -151,7 +154,7 @@ def verify(workdir: str | pathlib.Path, *, checksums: bool = True) -> dict[str, 
         p = work / e["path"]
         if not p.is_file():
             raise InputDataError(f"{p}: listed in {path} but missing: output incomplete; run prepare_data again")
-        if p.stat().st_size != e["bytes"] or (checksums and _digest(p) != e["sha256"]):
+        if p.stat().st_size != e["bytes"] or (checksums and file_digest(p) != e["sha256"]):
             raise InputDataError(f"{p}: differs from {path} (size or SHA-256): output changed or incomplete; "
                                  "run prepare_data again")
     listed = {e["path"] for e in entries}

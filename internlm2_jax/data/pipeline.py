@@ -11,8 +11,10 @@ Stages, in order; a dropped record gets ``meta['dropped_by'] = '<stage>/<reason>
 6. ``code_tiers``-- code quality tiers (low dropped; high repeated)
 Then code files are grouped per repository, dependency-sorted and packed into documents.
 
-Input bytes are decoded per document (:mod:`.decoding`); output is staged and committed with a manifest
-written last (:mod:`.output`). Both are shared with the Beam runner.
+Input bytes are decoded per document (:mod:`.decoding`); output shards follow :mod:`.layout` (shard =
+stable hash of the id modulo the shard count, sorted by id inside), are written by `writers.write_shard`,
+staged and committed with a manifest written last (:mod:`.output`, :func:`commit_outputs`). All of these
+are shared with the Beam runner, which writes the same bytes.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from internlm2_jax.errors import EmptyDatasetError, InputDataError
+from internlm2_jax.errors import ConfigValueError, EmptyDatasetError, InputDataError
 
-from . import code, code_deps, dedup, filters, longtext, normalize, output, quality, safety
+from . import code, code_deps, dedup, filters, layout, longtext, normalize, output, quality, safety
 from .records import Record, make_record
 from .stats import BadInput, approx_tokens
-from .writers import write_shards
+from .writers import Shard, write_shards
 
 STAGES = ("rules", "dedup", "safety", "quality", "longtext", "code_tiers")
 log = logging.getLogger(__name__)
@@ -64,7 +66,25 @@ class PipelineConfig:
     code_low: float = 0.4
     code_high_repeats: int = 2
     code_context_chars: int = 32_768
+    # Average records per output shard: an output of n records gets ceil(n / records_per_shard) shards
+    # (:mod:`.layout`; records spread by a hash of their id, so shards vary a little around it).
     records_per_shard: int = 10_000
+    # Beam runner only: large-star / small-star round pairs unrolled for the dedup clusters
+    # (:mod:`.beam_components`; None: its DEFAULT_MAX_ROUNDS). Too few fails the run with "raise max_rounds";
+    # each pair is two shuffles, so graphs with known-short chains run faster with fewer (docs/benchmarks.md).
+    dedup_max_rounds: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refuses values that would only fail deep inside a run (gin checks ``records_per_shard`` too)."""
+        for name in ("records_per_shard", "dedup_max_rounds"):
+            value = getattr(self, name)
+            if value is None and name == "dedup_max_rounds":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigValueError(f"bad value PipelineConfig.{name}={value!r}: expected an integer, "
+                                       f"got {type(value).__name__}")
+            if value < 1:
+                raise ConfigValueError(f"bad value PipelineConfig.{name}={value!r}: must be >= 1")
 
 
 class Stages:
@@ -232,21 +252,39 @@ def code_documents(code_records: list[Record], max_chars: int) -> list[Record]:
     return out
 
 
-def summarize(n_input: int, dropped: Sequence[Record], outputs: Mapping[str, Sequence[Record]],
+Totals = tuple[int, int, int]  # (records, chars, approx tokens) of an output
+
+
+def record_totals(rec: Record) -> Totals:
+    """What one output record adds to its output's stats (summed by `sum_totals`, locally or in a combine)."""
+    return 1, len(rec["text"]), approx_tokens(rec["text"])
+
+
+def sum_totals(parts: Iterable[Totals]) -> Totals:
+    """Sum of `record_totals` (or of partial sums: associative, so Beam can combine it in parts)."""
+    r = c = t = 0
+    for n, chars, tokens in parts:
+        r, c, t = r + n, c + chars, t + tokens
+    return r, c, t
+
+
+def summarize(n_input: int, drop_reasons: Mapping[str, int], outputs: Mapping[str, Totals],
               bad: Mapping[str, Any], cluster_hist: Mapping[str, int]) -> dict[str, Any]:
-    """Stats report: per-stage seen/kept/dropped-by-reason, output char/token counts, bad input."""
+    """Stats report: per-stage seen/kept/dropped-by-reason, output char/token counts, bad input.
+
+    From counters only (``drop_reasons``: ``'<stage>/<reason>'`` -> records; ``outputs``: name -> totals),
+    so the Beam runner computes them as combines without gathering records."""
     by_stage: dict[str, Counter[str]] = {s: Counter() for s in STAGES}
-    for r in dropped:
-        stage, reason = r["meta"]["dropped_by"].split("/", 1)
-        by_stage[stage][reason] += 1
+    for dropped_by, n in drop_reasons.items():
+        stage, reason = dropped_by.split("/", 1)
+        by_stage[stage][reason] += n
     stages, seen = {}, n_input
     for s in STAGES:
         d = sum(by_stage[s].values())
         stages[s] = {"seen": seen, "kept": seen - d, "dropped": dict(sorted(by_stage[s].items()))}
         seen -= d
     stages["dedup"]["cluster_size_histogram"] = dict(cluster_hist)
-    out = {name: {"records": len(rs), "chars": sum(len(r["text"]) for r in rs),
-                  "approx_tokens": sum(approx_tokens(r["text"]) for r in rs)} for name, rs in outputs.items()}
+    out = {name: {"records": r, "chars": c, "approx_tokens": t} for name, (r, c, t) in outputs.items()}
     return {"input_records": n_input, "bad_input": dict(bad), "stages": stages, "outputs": out}
 
 
@@ -276,33 +314,43 @@ def process(records: list[Record], cfg: PipelineConfig) -> tuple[dict[str, list[
     return outputs, sorted(dropped, key=lambda r: r["id"]), hist
 
 
+def commit_outputs(workdir: str | pathlib.Path, staging: pathlib.Path, shards: Iterable[Shard],
+                   stats: dict[str, Any]) -> dict[str, Any]:
+    """The last step of both runners: lists the staged shards in ``stats['files']`` (per output, in
+    `layout.OUTPUT_FORMATS` order, by path) and commits them with ``stats.json`` and, last,
+    ``manifest.json`` (`output.commit`); returns the manifest. Needs the shards' metadata only."""
+    shards = list(shards)
+    by_output = {name: sorted((s for s in shards if s.output == name), key=lambda s: s.path)
+                 for name in layout.OUTPUT_FORMATS}
+    stats["files"] = {name: [pathlib.Path(s.path).relative_to(staging).as_posix() for s in group]
+                      for name, group in by_output.items()}
+    manifest = output.commit(workdir, staging, by_output, stats)
+    log.info("committed %s (%d shard files)", pathlib.Path(workdir) / output.MANIFEST, len(manifest["shards"]))
+    return manifest
+
+
 def write_outputs(workdir: str | pathlib.Path, outputs: Mapping[str, list[Record]], dropped: list[Record],
                   stats: dict[str, Any], records_per_shard: int) -> dict[str, list[str]]:
     """Shards for each output (ArrayRecord + JSONL), rejects as JSONL, ``stats.json`` and, last,
     ``manifest.json``: staged, then committed (:mod:`.output`); returns the paths of the shards."""
     work = pathlib.Path(workdir)
     staging = output.new_staging(work)
-    log.info("writing %s to %s", ", ".join(f"{len(rs)} {name}" for name, rs in
-                                          [*outputs.items(), ("rejected", dropped)]), staging)
+    everything = {**outputs, "rejected": dropped}
+    log.info("writing %s to %s", ", ".join(f"{len(rs)} {name}" for name, rs in everything.items()), staging)
     try:
         try:
-            shards = {name: write_shards(rs, staging / name, name, records_per_shard=records_per_shard)
-                      for name, rs in outputs.items()}
-            shards["rejected"] = write_shards(dropped, staging / "rejected", "rejected",
-                                              records_per_shard=records_per_shard, formats=("jsonl",))
+            shards = [s for name, rs in everything.items()
+                      for s in write_shards(rs, staging, name, records_per_shard=records_per_shard)]
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # nothing committed: the previous output stays as it was
             raise
-        stats["files"] = {k: [pathlib.Path(s.path).relative_to(staging).as_posix() for s in v]
-                          for k, v in shards.items()}
-        manifest = output.commit(work, staging, shards, stats)
+        commit_outputs(work, staging, shards, stats)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise output.OutputDiskFullError(
             f"disk full writing {e.filename or staging} ({e.strerror}); the previous output in {work} is "
             "unchanged: free space and run the same command") from None
-    log.info("committed %s (%d shard files)", work / output.MANIFEST, len(manifest["shards"]))
     return {k: [str(work / f) for f in v] for k, v in stats["files"].items()}
 
 
@@ -317,6 +365,7 @@ def run_local(sources: Sequence[Mapping[str, Any]], workdir: str | pathlib.Path,
     log.info("read %d records from %d file(s); processing (rules, dedup, safety, quality, long text, code)",
              len(records), bad.files_read)
     outputs, dropped, hist = process(records, cfg)
-    stats = summarize(len(records), dropped, outputs, bad.to_dict(), hist)
+    stats = summarize(len(records), Counter(r["meta"]["dropped_by"] for r in dropped),
+                      {name: sum_totals(map(record_totals, rs)) for name, rs in outputs.items()}, bad.to_dict(), hist)
     write_outputs(workdir, outputs, dropped, stats, cfg.records_per_shard)
     return stats
