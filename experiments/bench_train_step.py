@@ -32,6 +32,8 @@ def _parse() -> argparse.Namespace:
                          "accelerators bfloat16)")
     ap.add_argument("--remat", default=None, help="remat policy (CPU default none, preset save_qkv_attn)")
     ap.add_argument("--unroll", action="store_true", help="python-unrolled layers instead of nn.scan")
+    ap.add_argument("--scan_unroll", type=int, default=None,
+                    help="layers per scan iteration (default: the model's, all layers on CPU; 1 = rolled loop)")
     ap.add_argument("--loss_chunk", type=int, default=None, help="cross-entropy chunk (CPU default seq, else 512)")
     ap.add_argument("--attention", default=None, help="attention_impl (CPU default xla, else auto)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
@@ -176,7 +178,8 @@ def run(args: argparse.Namespace, dtype: str) -> dict:
     bsz = args.batch or 4
     remat = args.remat or ("none" if args.preset is None else "save_qkv_attn")
     attn = args.attention or ("xla" if on_cpu else "auto")
-    over = dict(dtype=dtype, remat_policy=remat, scan_layers=not args.unroll, attention_impl=attn,
+    over = dict(dtype=dtype, remat_policy=remat, scan_layers=not args.unroll, scan_unroll=args.scan_unroll,
+                attention_impl=attn,
                 max_position_embeddings=max(seq, 128))
     if args.preset is None:  # small Llama-shaped model: ~13M params, GQA 8/4
         config = get_preset("tiny", vocab_size=8192, hidden_size=256, intermediate_size=704,
@@ -200,7 +203,7 @@ def run(args: argparse.Namespace, dtype: str) -> dict:
         print(f"cpu: {cpu_description()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     result: dict = {"device": cpu_description() if on_cpu else jax.devices()[0].device_kind, "devices": n_dev, "preset": args.preset or "bench-small",
                     "batch": bsz, "seq": seq, "dtype": dtype, "remat": remat, "attention": attn,
-                    "layers": "unrolled" if args.unroll else "scan", "peak_flops": None, "peak_note": None}
+                    "layers": "unrolled" if args.unroll else f"scan (unroll {args.scan_unroll or 'default'})", "peak_flops": None, "peak_note": None}
     if peak is None:
         peak, peak_note = matmul_peak(dtype), f"measured {dtype} 1024^3 matmul peak of this CPU"
     print(f"model FLOPs/token {fpt:.4g}; peak {peak / 1e9:.1f} GFLOP/s per device ({peak_note})")

@@ -27,7 +27,7 @@ REMAT_POLICIES = (
 )
 
 
-CONFIG_FIELDS_NOT_CHECKED = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
+CONFIG_FIELDS_NOT_CHECKED = ("dtype", "param_dtype", "scan_layers", "scan_unroll", "remat_policy", "attention_impl",
                              "kernel_backend", "max_position_embeddings", "rope_theta", "rope_scaling")
 """Fields a checkpoint may legitimately differ in from the run's model config: compute choices, and the
 context-length settings a long-context stage changes on purpose (RoPE base / scaling, max positions)."""
@@ -81,6 +81,11 @@ class ModelConfig:
     """Storage dtype of parameters (fp32 master weights by default)."""
     scan_layers: bool = True
     """Stack the blocks with `nn.scan` (one compiled block, params with a leading `layers` axis)."""
+    scan_unroll: Optional[int] = None
+    """With `scan_layers`: layers per iteration of the compiled loop (the params keep their stacked layout either
+    way). `None`: every layer when tracing on a CPU host (XLA:CPU runs the rolled loop's stacked-parameter slicing
+    and gradient accumulation 10-25 % slower; `docs/benchmarks.md`), 1 elsewhere (one compiled block: compile time
+    independent of depth on GPU/TPU)."""
     remat_policy: str = "none"
     """Activation rematerialization policy, one of `REMAT_POLICIES`."""
     attention_impl: str = "xla"
@@ -117,6 +122,8 @@ class ModelConfig:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
             )
+        if self.scan_unroll is not None and self.scan_unroll < 1:
+            raise ValueError(f"scan_unroll must be >= 1 or None, got {self.scan_unroll}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} unknown; expected one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:

@@ -120,6 +120,7 @@ class InternLM2(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0 if kv is not None else nn.broadcast,
                          nn.broadcast),
                 length=cfg.num_hidden_layers,
+                unroll=_scan_unroll(cfg),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, kv_window, name="layers")
             x, new_kv = stack(x, cos, sin, segment_ids, kv, starts)
@@ -143,6 +144,13 @@ class InternLM2(nn.Module):
         if cache is None:
             return x
         return x, _append(cache, new_kv, s)
+
+
+def _scan_unroll(cfg: ModelConfig) -> int:
+    """`cfg.scan_unroll`, or its default: all layers on a CPU host, one elsewhere (see `ModelConfig.scan_unroll`)."""
+    if cfg.scan_unroll is not None:
+        return min(cfg.scan_unroll, cfg.num_hidden_layers)
+    return cfg.num_hidden_layers if jax.default_backend() == "cpu" else 1
 
 
 def _append(cache: Cache, new_kv: tuple[jax.Array, ...], s: int) -> Cache:

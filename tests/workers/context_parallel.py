@@ -29,7 +29,7 @@ impl, seq = sys.argv[1], int(sys.argv[2])
 assert jax.device_count() == 8
 cfg = get_preset("tiny", dtype="float32", hidden_size=256, intermediate_size=512, num_attention_heads=8,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=max(seq, 2048),
-                 attention_impl=impl)
+                 attention_impl=impl, scan_unroll=1)  # the accelerators' rolled layer loop: their memory per device
 rng = np.random.default_rng(0)
 rows = 2
 tokens = rng.integers(0, cfg.vocab_size, (rows, seq)).astype(np.int32)
