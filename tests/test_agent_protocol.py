@@ -11,6 +11,8 @@ import json
 import pytest
 
 from agent_scripted import ScriptedBackend
+# The reference tokenizer (fixture) and its chat-template ids, as the released-tokenizer tests build them.
+from test_tokenizer_released import _reference_ids, reference  # noqa: F401
 from internlm2_jax.agent import CALCULATOR, Agent, Plugin, SandboxLimits
 from internlm2_jax.tokenizer import Tokenizer
 
@@ -37,20 +39,8 @@ SCRIPT_CODE = ["I will count the rows.\n<|action_start|><|interpreter|>\n" + COD
 
 
 @pytest.fixture(scope="module")
-def reference(released_assets):
-    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
-
-    return SentencePieceBackend.from_pretrained(released_assets, sp_model_kwargs={})
-
-
-@pytest.fixture(scope="module")
 def tok(released_assets):
     return Tokenizer(released_assets)
-
-
-def _reference_ids(reference, messages, add_generation_prompt=False):
-    out = reference.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
 def _as_reference(messages, script):
