@@ -34,7 +34,7 @@ class AgentRun:
 
     messages: list[Message]
     answer: Optional[str] = None
-    tool_calls: int = 0  # actions executed (plugins called, cells run), successful or not
+    tool_calls: int = 0  # actions the model made: run (plugins called, cells run) or refused as malformed
     tool_errors: int = 0
     stop: str = ""  # "answer" or "max_turns"
     sandbox: Optional[Sandbox] = dataclasses.field(default=None, repr=False)
