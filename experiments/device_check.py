@@ -19,6 +19,7 @@ Exit status: 0 when every stage passed, 1 otherwise (the JSON says which and why
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -108,8 +109,7 @@ def _model_case(dry: bool) -> dict:
     lengths = jnp.asarray([s, s // 2 + 3])
     res = {}
     for impl in ("xla", "pallas"):
-        cfg = get_preset("tiny", dtype="float32", hidden_size=256, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=2048, attention_impl=impl)
+        cfg = dataclasses.replace(base, attention_impl=impl)
         logits = jax.jit(lambda p, t: internlm2_jax.forward(cfg, p, t))(params, tokens)
         last, cache = jax.jit(lambda p, t, n: internlm2_jax.model.prefill_last(
             cfg, p, t, max_len=s + 32, lengths=n, chunk=s // 3))(params, tokens, lengths)

@@ -77,7 +77,7 @@ def xla_attention(
     g, t = h // kvh, k.shape[1]
     # Query heads of one kv group stacked along the query axis: plain batched matmuls over
     # (batch, kv_heads), which XLA:CPU runs ~25 % faster than the 5-D grouped einsum.
-    qg = q.reshape(b, s, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * s, d)
+    qg = _group_rows(q, kvh)
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, t, d]
     logits = jnp.einsum("bkqd,bktd->bkqt", qg, kt, preferred_element_type=jnp.float32) * scale
     if mask is not None:  # the same [q_len, kv_len] mask for each of the g stacked query heads
@@ -86,7 +86,7 @@ def xla_attention(
     # Softmax in the matmul layout: in fp32 its output is the one saved residual (no reshaped copy).
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkqt,bktd->bkqd", probs, vt, preferred_element_type=jnp.float32)
-    return out.reshape(b, kvh, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d).astype(q.dtype)
+    return _ungroup_rows(out, s).astype(q.dtype)
 
 
 def attention(
